@@ -1,0 +1,1 @@
+"""Backend processes spoken to over gRPC (proto/backend.proto)."""

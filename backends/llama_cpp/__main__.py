@@ -1,0 +1,63 @@
+"""Entry point of the llama.cpp backend process.
+
+Serves the gRPC ``Backend`` service on ``--addr`` until SIGTERM/SIGINT, then stops
+accepting, lets running calls finish for a moment, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+from localp2p.logs import configure_logging, get_logger
+from localp2p.procutil import die_with_parent
+
+#: gRPC worker threads: one generation runs at a time (llama.cpp lock), the rest answer
+#: Health/Status/cancellation while it runs.
+GRPC_THREADS = 8
+#: Large enough for a 1 MB prompt and a batch of embeddings.
+GRPC_MAX_MESSAGE = 64 * 1024 * 1024
+#: Seconds that running calls get to finish after SIGTERM.
+SHUTDOWN_GRACE = 5.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backends.llama_cpp")
+    parser.add_argument("--addr", required=True, help="gRPC listen address, e.g. unix:/tmp/b.sock or 127.0.0.1:50051")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    configure_logging(process="backend")
+    log = get_logger("backend")
+
+    from localp2p._proto import backend_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    from .server import LlamaBackend  # noqa: PLC0415
+
+    options = [
+        ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+        ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS), options=options)
+    pb_grpc.add_BackendServicer_to_server(LlamaBackend(), server)
+    if server.add_insecure_port(args.addr) == 0 and not args.addr.startswith("unix:"):
+        log.error("cannot listen", addr=args.addr)
+        return 1
+    server.start()
+    log.info("backend listening", addr=args.addr)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(SHUTDOWN_GRACE).wait()
+    log.info("backend stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The llama.cpp backend: a gRPC ``Backend`` service (proto/backend.proto) over llama-cpp-python.
+
+One process serves one model at a time. The rpc-servers it spreads layers over are
+registered with ggml once, when the first model is loaded, and stay for the life of
+the process: a different set of workers means a new process (the supervisor in
+``localp2p run`` owns that). llama.cpp aborts the process when a worker dies
+mid-request; that is expected, and the supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pathlib
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from localp2p import rpc
+from localp2p._proto import backend_pb2 as pb
+from localp2p._proto import backend_pb2_grpc as pb_grpc
+from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
+from localp2p.layers import assign_layers, model_block_count
+
+log = structlog.get_logger("backend")
+
+#: Embeddings come from a second, CPU-only context of the same file: llama.cpp needs a
+#: context created in embedding mode, and keeping it local sends nothing to workers.
+EMBEDDING_GPU_LAYERS = 0
+
+
+@dataclass
+class DeviceState:
+    endpoint: str
+    memory_free: int = 0
+    memory_total: int = 0
+    layers: int = 0
+    used: bool = False
+    skipped_reason: str = ""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    options: Any  # pb.ModelOptions
+    llm: Any  # llama_cpp.Llama
+    layers_total: int
+    layers_local: int
+    embedder: Any = None
+    _end_tokens: list[int] | None = None
+
+    def end_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (for ``ignore_eos``)."""
+        if self._end_tokens is None:
+            import llama_cpp  # noqa: PLC0415
+
+            vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+            self._end_tokens = [t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        return self._end_tokens
+
+
+@dataclass
+class BackendState:
+    """Everything the service knows; guarded by ``lock`` (llama.cpp contexts are not thread-safe)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    model: LoadedModel | None = None
+    devices: list[DeviceState] = field(default_factory=list)
+    registered: tuple[str, ...] | None = None
+    error: str = ""
+    busy: bool = False
+
+
+#: Tensors that make up the output layer (``token_embd`` stands in for it when tied).
+OUTPUT_TENSOR_PATTERN = rb"^(output|output_norm|token_embd)\.(weight|bias)$"
+
+
+class _BuftOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override`` (llama.h)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@contextlib.contextmanager
+def output_layer_on_host(enabled: bool) -> Iterator[None]:
+    """While active, models load with their output layer pinned to host memory.
+
+    llama.cpp places the output layer on the last offloaded device; computed there,
+    every token ships ``n_vocab`` float logits back over the network. Pinning its
+    tensors to the CPU buffer type (llama.cpp's ``--override-tensor``) keeps the
+    logits local; only one hidden state per token crosses the wire. llama-cpp-python
+    0.3.36 has no parameter for it, so the default model params are amended for the
+    duration of one load (callers hold the backend lock).
+    """
+    if not enabled:
+        yield
+        return
+    import llama_cpp.llama_cpp as lib  # noqa: PLC0415
+
+    overrides = (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSOR_PATTERN, rpc.cpu_buffer_type()), _BuftOverride(None, None))
+    original = lib.llama_model_default_params
+
+    def with_overrides() -> Any:
+        params = original()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        return params
+
+    lib.llama_model_default_params = with_overrides
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    log.warning("request refused", code=code.name, reason=message)
+    context.abort(code, message)
+
+
+def _sampling_kwargs(req: pb.PredictOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "temperature": req.Temperature,
+        "top_p": req.TopP if req.TopP > 0 else 1.0,
+        "top_k": req.TopK if req.TopK > 0 else 40,
+        "min_p": req.MinP if req.MinP > 0 else 0.05,
+        "repeat_penalty": req.RepeatPenalty if req.RepeatPenalty > 0 else 1.0,
+        "presence_penalty": req.PresencePenalty,
+        "frequency_penalty": req.FrequencyPenalty,
+        "max_tokens": req.Tokens if req.Tokens > 0 else None,
+        "stop": list(req.StopPrompts) or None,
+    }
+    if req.Seed:
+        kwargs["seed"] = req.Seed
+    return kwargs
+
+
+class LlamaBackend(pb_grpc.BackendServicer):
+    """gRPC servicer; every method owns its error mapping to a gRPC status."""
+
+    def __init__(self) -> None:
+        self.state = BackendState()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def Health(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Reply:
+        return pb.Reply(message=b"OK")
+
+    def LoadModel(self, request: pb.ModelOptions, context: grpc.ServicerContext) -> pb.Result:
+        bound = log.bind(request_id=request.RequestId or None, model=request.Model)
+        try:
+            check_gguf(pathlib.Path(request.ModelFile))
+            servers = tuple(request.RPCServers) or parse_rpc_servers(os.environ.get(RPC_SERVERS_ENV))
+        except ConfigError as exc:
+            return pb.Result(success=False, message=str(exc))
+        with self.state.lock:
+            if self.state.registered is not None and servers != self.state.registered:
+                return pb.Result(
+                    success=False,
+                    message="this backend process is bound to other rpc-servers; restart it to change them",
+                )
+            if self.state.registered is None:
+                self.state.devices = self._register(servers, bound)
+                self.state.registered = servers
+            self.state.model = None  # drop the old model before loading the next
+            try:
+                self.state.model = self._load(request, bound)
+            except Exception as exc:  # llama-cpp-python raises bare ValueError/RuntimeError
+                self.state.error = f"failed to load {request.Model}: {exc}"
+                bound.error("model load failed", error=str(exc))
+                return pb.Result(success=False, message=self.state.error)
+            self.state.error = ""
+        return pb.Result(success=True, message="loaded")
+
+    def _register(self, servers: tuple[str, ...], bound: Any) -> list[DeviceState]:
+        """Probe every rpc-server and register the good ones; skip the rest with a warning."""
+        devices = []
+        for endpoint in servers:
+            device = DeviceState(endpoint=endpoint)
+            try:
+                info = rpc.probe(endpoint)
+                rpc.register_server(endpoint)
+            except rpc.RPCError as exc:
+                device.skipped_reason = str(exc)
+                bound.warning("skipping rpc-server", endpoint=endpoint, reason=str(exc))
+            else:
+                device.memory_free, device.memory_total = info.memory_free, info.memory_total
+                device.used = True
+                bound.info(
+                    "rpc-server registered",
+                    endpoint=endpoint,
+                    protocol=info.version_text,
+                    free_mib=info.memory_free >> 20,
+                )
+            devices.append(device)
+        return devices
+
+    def _load(self, request: pb.ModelOptions, bound: Any) -> LoadedModel:
+        import llama_cpp  # noqa: PLC0415 - heavy; the module imports fast for --help
+
+        model_file = pathlib.Path(request.ModelFile)
+        used = [d for d in self.state.devices if d.used]
+        n_layer = model_block_count(model_file)
+        n_gpu_layers = (request.NGPULayers if request.NGPULayers > 0 else -1) if used else 0
+        split = list(request.TensorSplit)
+        if split and len(split) != len(used):
+            bound.warning("tensor_split ignored: it names a different number of devices", split=split, devices=len(used))
+            split = []
+        for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers)):
+            device.layers = layers
+        on_workers = sum(d.layers for d in used)
+        keep_output = bool(used) and not request.OffloadOutput
+        started = time.monotonic()
+        with output_layer_on_host(keep_output):
+            llm = llama_cpp.Llama(
+                model_path=str(model_file),
+                n_ctx=request.ContextSize or 2048,
+                n_threads=request.Threads or None,
+                n_gpu_layers=n_gpu_layers,
+                tensor_split=split or None,
+                n_batch=request.Batch or 512,
+                use_mmap=request.MMap,
+                use_mlock=request.MLock,
+                seed=request.Seed or llama_cpp.LLAMA_DEFAULT_SEED,
+                chat_format=request.ChatTemplate or None,
+                op_offload=False,  # never ship host-resident weights to a worker per batch
+                verbose=False,
+            )
+        bound.info(
+            "model loaded",
+            seconds=round(time.monotonic() - started, 2),
+            layers=n_layer,
+            on_workers=on_workers,
+            output_local=not used or keep_output,
+            workers=[f"{d.endpoint}={d.layers}" for d in used],
+        )
+        return LoadedModel(
+            name=request.Model,
+            options=request,
+            llm=llm,
+            layers_total=n_layer,
+            layers_local=n_layer - on_workers,
+        )
+
+    def Free(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Result:
+        with self.state.lock:
+            self.state.model = None
+        return pb.Result(success=True, message="freed")
+
+    def Status(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.StatusResponse:
+        model = self.state.model
+        if self.state.error:
+            state = pb.StatusResponse.ERROR
+        elif model is None:
+            state = pb.StatusResponse.UNINITIALIZED
+        else:
+            state = pb.StatusResponse.BUSY if self.state.busy else pb.StatusResponse.READY
+        return pb.StatusResponse(
+            state=state,
+            model=model.name if model else "",
+            devices=[
+                pb.RPCDevice(
+                    endpoint=d.endpoint,
+                    memory_free=d.memory_free,
+                    memory_total=d.memory_total,
+                    layers=d.layers,
+                    used=d.used,
+                    skipped_reason=d.skipped_reason,
+                )
+                for d in self.state.devices
+            ],
+            layers_total=model.layers_total if model else 0,
+            layers_local=model.layers_local if model else 0,
+            memory_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+
+    # -- inference ---------------------------------------------------------------------
+
+    def _model(self, context: grpc.ServicerContext) -> LoadedModel:
+        model = self.state.model
+        if model is None:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, self.state.error or "no model loaded")
+        return model  # type: ignore[return-value]
+
+    def _generate(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
+        """Run one generation under the lock; yields one Reply per text chunk, then a final one.
+
+        Stops early when the client goes away. A prompt that does not fit the context
+        is INVALID_ARGUMENT.
+        """
+        bound = log.bind(request_id=request.RequestId or None)
+        with self.state.lock:
+            model = self._model(context)
+            kwargs = _sampling_kwargs(request)
+            if request.IgnoreEOS:
+                kwargs["logit_bias"] = {token: float("-inf") for token in model.end_tokens()}
+            started = time.monotonic()
+            first_at: float | None = None
+            tokens = prompt_tokens = 0
+            finish = "stop"
+            self.state.busy = True
+            try:
+                if request.Messages:
+                    messages = [
+                        {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                        for m in request.Messages
+                    ]
+                    stream = model.llm.create_chat_completion(messages=messages, stream=True, **kwargs)
+                else:
+                    stream = model.llm.create_completion(
+                        prompt=request.Prompt, stream=True, echo=request.Echo, **kwargs
+                    )
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    text = choice.get("text")
+                    if text is None:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                    if not text:
+                        continue
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    tokens += 1
+                    yield pb.Reply(message=text.encode("utf-8"), tokens=tokens)
+                    if not context.is_active():
+                        bound.info("client went away; generation stopped", tokens=tokens)
+                        return
+                prompt_tokens = model.llm.n_tokens - tokens if model.llm.n_tokens >= tokens else 0
+            except ValueError as exc:
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            finally:
+                self.state.busy = False
+            done = time.monotonic()
+            first_at = first_at or done
+            bound.info(
+                "generation done",
+                tokens=tokens,
+                prompt_tokens=prompt_tokens,
+                ttft_ms=round((first_at - started) * 1000, 1),
+                tokens_per_s=round(tokens / (done - first_at), 1) if done > first_at else None,
+            )
+            yield pb.Reply(
+                message=b"",
+                tokens=tokens,
+                prompt_tokens=prompt_tokens,
+                finish_reason=finish,
+                timing_prompt_processing=first_at - started,
+                timing_token_generation=done - first_at,
+            )
+
+    def PredictStream(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
+        yield from self._generate(request, context)
+
+    def Predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
+        parts: list[bytes] = []
+        final = pb.Reply()
+        for reply in self._generate(request, context):
+            if reply.finish_reason:
+                final = reply
+            else:
+                parts.append(reply.message)
+        final.message = b"".join(parts)
+        return final
+
+    def TokenizeString(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.TokenizationResponse:
+        model = self._model(context)
+        tokens = model.llm.tokenize(request.Prompt.encode("utf-8"), add_bos=True, special=False)
+        return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
+
+    def Embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
+        import llama_cpp  # noqa: PLC0415
+
+        inputs = list(request.Inputs) or [request.Prompt]
+        with self.state.lock:
+            model = self._model(context)
+            if not model.options.Embeddings:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"model {model.name} does not serve embeddings")
+            if model.embedder is None:
+                model.embedder = llama_cpp.Llama(
+                    model_path=model.options.ModelFile,
+                    n_ctx=model.options.ContextSize or 2048,
+                    n_threads=model.options.Threads or None,
+                    n_gpu_layers=EMBEDDING_GPU_LAYERS,
+                    embedding=True,
+                    op_offload=False,
+                    verbose=False,
+                )
+            embedder = model.embedder
+            prompt_tokens = 0
+            data = []
+            for text in inputs:
+                n = len(embedder.tokenize(text.encode("utf-8"), add_bos=True))
+                if n > embedder.n_ctx():
+                    _abort(
+                        context,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"input of {n} tokens exceeds the context window of {embedder.n_ctx()}",
+                    )
+                prompt_tokens += n
+                vector = embedder.embed(text, normalize=True)
+                data.append(pb.Embedding(embeddings=vector))
+        return pb.EmbeddingResult(data=data, prompt_tokens=prompt_tokens)
+
+

@@ -1,0 +1,40 @@
+"""Child process that runs llama.cpp's rpc-server: ``python -m localp2p._rpc_server HOST:PORT``.
+
+Started and restarted by :func:`localp2p.supervisor.supervise_rpc_server`; not a user
+command. It dies with its parent, so a killed worker leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from localp2p import rpc
+from localp2p.procutil import die_with_parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    parser = argparse.ArgumentParser(prog="python -m localp2p._rpc_server")
+    parser.add_argument("endpoint")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    # The C accept loop never returns to Python, so Python-level handlers would never
+    # run: restore the default actions and let SIGTERM/SIGINT end the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if args.cache_dir:
+        os.makedirs(args.cache_dir, exist_ok=True)
+    try:
+        rpc.serve_forever(args.endpoint, args.cache_dir, max(1, args.threads))
+    except rpc.RPCError as exc:
+        print(f"rpc-server: {exc}", file=sys.stderr)
+        return 1
+    return 1  # serve_forever only returns when the server could not start
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from localp2p.backend_client import BackendError
+
+
+class APIError(Exception):
+    """Raise from a route to answer with an OpenAI-style error."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param, self.code = status, message, error_type, param, code
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type, param, code), status_code=status, headers=headers)
+
+
+def backend_error_body(exc: BackendError) -> dict[str, Any]:
+    return error_body(exc.message, exc.error_type, code=exc.code)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return f"missing required parameter: {param}", param
+    message = first.get("msg", "invalid value")
+    return (f"invalid value for {param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can produce leaves it in OpenAI's shape; nothing leaks a traceback."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(_request: Request, exc: BackendError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+        return JSONResponse(backend_error_body(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return error_response(exc.status_code, detail, kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        from localp2p.logs import get_logger  # noqa: PLC0415
+
+        get_logger("api").exception("unhandled error", error=repr(exc))
+        return error_response(500, "internal server error", "server_error")

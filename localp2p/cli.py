@@ -1,0 +1,155 @@
+"""Command line: argument parsing only; each command calls one function.
+
+Flag and variable names follow LocalAI where it has one (``LLAMACPP_GRPC_SERVERS``,
+``MODELS_PATH``, ``THREADS``, ``ADDRESS``). A bad start-up prints one line and exits
+non-zero; it never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from localp2p import __version__
+from localp2p.config import RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
+from localp2p.logs import FORMATS, configure_logging, get_logger
+from localp2p.supervisor import StartupError
+
+#: Exit code for a configuration or start-up error (argparse uses 2 for usage errors).
+EXIT_STARTUP = 1
+
+
+class CLIError(Exception):
+    """A user error found while turning arguments into settings."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localp2p", description="Distributed llama.cpp inference, OpenAI-compatible.")
+    parser.add_argument("--version", action="version", version=f"localp2p {__version__}")
+    parser.add_argument("--log-format", choices=FORMATS, default=_env("LOCALP2P_LOG_FORMAT", "console"))
+    parser.add_argument("--log-level", default=_env("LOCALP2P_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="serve the OpenAI-compatible API")
+    run.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP listen address (env ADDRESS)")
+    run.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2")
+    run.add_argument("--threads", type=_positive_int, default=env_threads(), help="threads for llama.cpp (env THREADS)")
+    run.add_argument("--ready-timeout", type=float, default=120.0, help="seconds a request waits for a (re)starting backend before 503")
+    run.set_defaults(func=cmd_run)
+
+    worker = commands.add_parser("worker", help="run a worker that lends this machine to a server")
+    kinds = worker.add_subparsers(dest="kind", metavar="KIND", required=True)
+    static = kinds.add_parser("llama-cpp-rpc", help="a llama.cpp rpc-server on ADDRESS:PORT (static mode)")
+    static.add_argument("address", help="listen address; keep 127.0.0.1 unless the network is trusted")
+    static.add_argument("port", type=_port)
+    static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
+    static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    static.set_defaults(func=cmd_worker_static)
+    return parser
+
+
+def _run_service(service: Callable[..., Awaitable[Any]], *args: Any) -> int:
+    """Run ``service(*args)`` until it returns or SIGINT/SIGTERM arrives; map start-up errors."""
+    log = get_logger("localp2p")
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def run_then_stop() -> None:
+                    await service(*args)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run_then_stop)
+                async for signum in signals:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        user_errors, rest = group.split((ConfigError, StartupError, CLIError))
+        if user_errors is None:
+            raise
+        raise _first_leaf(user_errors) from None
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _forever(start: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(start, *args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from localp2p.server import ServerSettings, serve  # noqa: PLC0415 - keep --help fast
+
+    settings = ServerSettings(
+        address=args.address,
+        models=load_models(args.models_path),
+        rpc_servers=parse_rpc_servers(_env(RPC_SERVERS_ENV)),
+        threads=args.threads,
+        ready_wait=args.ready_timeout,
+        models_path=args.models_path,
+    )
+    return _run_service(_forever, serve, settings)
+
+
+def cmd_worker_static(args: argparse.Namespace) -> int:
+    from localp2p.supervisor import RpcServerSpec  # noqa: PLC0415
+    from localp2p.worker import run_static_worker  # noqa: PLC0415
+
+    spec = RpcServerSpec(host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir)
+    return _run_service(_forever, run_static_worker, spec)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args))
+    except (ConfigError, StartupError, CLIError) as exc:
+        print(f"localp2p: error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

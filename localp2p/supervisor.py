@@ -1,0 +1,351 @@
+"""Supervised child processes: the backend (server side) and the rpc-server (worker side).
+
+Both are children because llama.cpp aborts its whole process when an RPC peer
+fails; a child that dies is restarted, and the trio app around it stays up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from localp2p import rpc
+from localp2p._proto import backend_pb2 as pb
+from localp2p.backend_client import BackendClient, BackendError
+from localp2p.config import RPC_SERVERS_ENV, ModelConfig
+from localp2p.logs import get_logger
+from localp2p.procutil import python_module_argv, start_child, stop_child
+
+log = get_logger("supervisor")
+
+#: First delay before restarting a crashed child; doubles per crash in a row, up to the max.
+RESTART_BACKOFF_MIN = 0.2
+RESTART_BACKOFF_MAX = 10.0
+#: A child that stayed up this long counts as healthy again (backoff resets).
+HEALTHY_AFTER = 30.0
+#: Seconds a fresh backend process gets to answer Health.
+BACKEND_START_TIMEOUT = 60.0
+#: Seconds a fresh rpc-server gets to answer HELLO.
+RPC_SERVER_START_TIMEOUT = 30.0
+#: Poll interval while waiting for a child to come up.
+READY_POLL = 0.05
+#: Default bound on how long a request waits for the backend to become ready.
+REQUEST_READY_WAIT = 120.0
+
+
+class StartupError(Exception):
+    """The service could not start; the message is one line for the user."""
+
+
+class ChildExited(Exception):
+    """A child process exited before it became ready."""
+
+
+# --- worker side: llama.cpp rpc-server ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RpcServerSpec:
+    """How to run one rpc-server child."""
+
+    host: str
+    port: int
+    threads: int = 0
+    cache_dir: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        args = [self.endpoint, "--threads", str(self.threads or os.cpu_count() or 1)]
+        if self.cache_dir:
+            args += ["--cache-dir", self.cache_dir]
+        return python_module_argv("localp2p._rpc_server", *args)
+
+
+async def _wait_rpc_ready(process: trio.Process, endpoint: str) -> rpc.ServerInfo:
+    with trio.fail_after(RPC_SERVER_START_TIMEOUT):
+        while True:
+            if process.returncode is not None:
+                raise ChildExited(f"rpc-server exited with code {process.returncode} before it was ready")
+            try:
+                return await trio.to_thread.run_sync(rpc.probe, endpoint, 1.0)
+            except rpc.RPCError:
+                await trio.sleep(READY_POLL)
+
+
+async def supervise_rpc_server(
+    spec: RpcServerSpec, *, task_status: trio.TaskStatus[rpc.ServerInfo] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run llama.cpp's rpc-server as a child for as long as this task lives.
+
+    ``task_status.started`` gets the HELLO answer of the first healthy start. A child
+    that dies later is restarted with backoff. Raises StartupError when the very first
+    start fails (e.g. the port is taken). Cancellation stops the child.
+    """
+    first = True
+    backoff = RESTART_BACKOFF_MIN
+    while True:
+        process = await start_child(spec.argv())
+        try:
+            try:
+                info = await _wait_rpc_ready(process, spec.endpoint)
+            except (ChildExited, trio.TooSlowError) as exc:
+                if first:
+                    raise StartupError(f"rpc-server on {spec.endpoint} did not start: {exc}") from None
+                log.warning("rpc-server failed to restart", endpoint=spec.endpoint, error=str(exc))
+            else:
+                if first:
+                    first = False
+                    task_status.started(info)
+                else:
+                    log.info("rpc-server restarted", endpoint=spec.endpoint, pid=process.pid)
+                up_since = time.monotonic()
+                code = await process.wait()
+                if time.monotonic() - up_since > HEALTHY_AFTER:
+                    backoff = RESTART_BACKOFF_MIN
+                log.warning("rpc-server exited; restarting", endpoint=spec.endpoint, code=code, in_s=backoff)
+        finally:
+            await stop_child(process)
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+
+# --- server side: the gRPC backend ---------------------------------------------------------
+
+
+@dataclass
+class BackendStatus:
+    """What the supervisor knows, for /api/status, /readyz and `localp2p status`."""
+
+    state: str = "starting"  # starting | loading | ready | restarting | draining | failed
+    model: str = ""
+    pid: int | None = None
+    restarts: int = 0
+    last_error: str = ""
+    rpc_servers: tuple[str, ...] = ()
+    devices: list[dict[str, object]] = field(default_factory=list)
+    layers_total: int = 0
+    layers_local: int = 0
+    load_seconds: float = 0.0
+
+
+def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) -> pb.ModelOptions:
+    return pb.ModelOptions(
+        Model=model.name,
+        ModelFile=str(model.model_file),
+        ContextSize=model.context_size,
+        Threads=model.threads or threads,
+        F16Memory=model.f16,
+        MMap=model.mmap,
+        TensorSplit=list(model.tensor_split),
+        RPCServers=list(rpc_servers),
+        OffloadOutput=model.offload_output,
+        Embeddings=model.embeddings,
+        ChatTemplate=model.chat_format,
+    )
+
+
+class BackendSupervisor:
+    """Owns the backend process: start, load, restart on crash, drain and reload on demand.
+
+    Requests go through :meth:`session`, which waits (bounded) for a ready backend with
+    the wanted model and counts the request as in flight, so a reload can drain them.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelConfig],
+        *,
+        rpc_servers: Sequence[str] = (),
+        threads: int = 0,
+        ready_wait: float = REQUEST_READY_WAIT,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.models = dict(models)
+        self.status = BackendStatus(model=next(iter(self.models)), rpc_servers=tuple(rpc_servers))
+        self._threads = threads
+        self._ready_wait = ready_wait
+        self._env = dict(env if env is not None else os.environ)
+        self._client: BackendClient | None = None
+        self._ready = False
+        self._ready_changed = trio.Event()
+        self._reload = trio.Event()
+        self._model_lock = trio.Lock()
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _set_ready(self, ready: bool, state: str) -> None:
+        self.status.state = state
+        if ready != self._ready:
+            self._ready = ready
+            self._ready_changed.set()
+            self._ready_changed = trio.Event()
+
+    def request_reload(self, rpc_servers: Sequence[str]) -> None:
+        """Restart the backend with another list of rpc-servers once in-flight requests end."""
+        self.status.rpc_servers = tuple(rpc_servers)
+        self._reload.set()
+
+    # -- the process -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a backend process running with the current model loaded, forever.
+
+        ``task_status.started()`` comes after the first successful model load; failing
+        that first start raises StartupError (a bad model must stop `run` with one line).
+        Later crashes are restarted with backoff. Cancellation stops the process.
+        """
+        first = True
+        backoff = RESTART_BACKOFF_MIN
+        with tempfile.TemporaryDirectory(prefix="localp2p-backend-") as tmp:
+            socket_path = pathlib.Path(tmp) / "backend.sock"
+            while True:
+                up_since = time.monotonic()
+                try:
+                    await self._run_once(socket_path, task_status if first else None)
+                except (ChildExited, BackendError, trio.TooSlowError) as exc:
+                    message = str(exc) or type(exc).__name__
+                    self.status.last_error = message
+                    if first:
+                        raise StartupError(message) from None
+                    log.error("backend failed", error=message)
+                first = False
+                self.status.restarts += 1
+                if time.monotonic() - up_since > HEALTHY_AFTER:
+                    backoff = RESTART_BACKOFF_MIN
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _run_once(self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None) -> None:
+        """One backend process from start to exit (crash, or drained for a reload)."""
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        env = dict(self._env)
+        env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
+        self._reload = trio.Event()
+        self._set_ready(False, "starting")
+        process = await start_child(python_module_argv("backends.llama_cpp", "--addr", f"unix:{socket_path}"), env)
+        self.status.pid = process.pid
+        client = BackendClient(f"unix:{socket_path}")
+        try:
+            await self._wait_healthy(process, client)
+            self._set_ready(False, "loading")
+            await self._load(client, self.status.model)
+            self._client = client
+            self._set_ready(True, "ready")
+            if task_status is not None:
+                task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_reload, process, nursery.cancel_scope)
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
+            if self.status.state != "draining":
+                self.status.last_error = f"backend process exited with code {code}"
+                log.error("backend process died; restarting it", code=code, restarts=self.status.restarts + 1)
+                self._set_ready(False, "restarting")
+        finally:
+            self._client = None
+            if self.status.state == "ready":
+                self._set_ready(False, "restarting")
+            client.close()
+            await stop_child(process)
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+
+    async def _watch_reload(self, process: trio.Process, scope: trio.CancelScope) -> None:
+        await self._reload.wait()
+        log.info("reloading backend", rpc_servers=list(self.status.rpc_servers), in_flight=self._in_flight)
+        self._set_ready(False, "draining")
+        await self._idle.wait()
+        await stop_child(process)
+
+    async def _wait_healthy(self, process: trio.Process, client: BackendClient) -> None:
+        with trio.fail_after(BACKEND_START_TIMEOUT):
+            while not await client.health():
+                if process.returncode is not None:
+                    raise ChildExited(f"backend process exited with code {process.returncode} during start-up")
+                await trio.sleep(READY_POLL)
+
+    async def _load(self, client: BackendClient, name: str) -> None:
+        model = self.models[name]
+        started = time.monotonic()
+        result = await client.load_model(model_options(model, self.status.rpc_servers, self._threads))
+        if not result.success:
+            raise BackendError(500, result.message)
+        self.status.model = name
+        self.status.load_seconds = round(time.monotonic() - started, 3)
+        await self.refresh_status(client)
+
+    async def refresh_status(self, client: BackendClient | None = None) -> BackendStatus:
+        """Ask the backend for its devices and layers (best effort) and return the status."""
+        client = client or self._client
+        if client is not None:
+            try:
+                reply = await client.status()
+            except BackendError:
+                return self.status
+            self.status.devices = [
+                {
+                    "endpoint": d.endpoint,
+                    "memory_free": d.memory_free,
+                    "memory_total": d.memory_total,
+                    "layers": d.layers,
+                    "used": d.used,
+                    "skipped_reason": d.skipped_reason,
+                }
+                for d in reply.devices
+            ]
+            self.status.layers_total = reply.layers_total
+            self.status.layers_local = reply.layers_local
+        return self.status
+
+    # -- requests ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def session(self, model: str) -> AsyncIterator[BackendClient]:
+        """A ready backend with ``model`` loaded, held for one request.
+
+        Waits up to ``ready_wait`` seconds for a (re)starting backend, then raises
+        BackendError(503). The request counts as in flight until the block exits.
+        """
+        if model not in self.models:
+            raise BackendError(404, f"model {model!r} not found", "invalid_request_error", "model_not_found")
+        with trio.move_on_after(self._ready_wait):
+            while not self._ready:
+                await self._ready_changed.wait()
+        if not self._ready or self._client is None:
+            reason = f" ({self.status.last_error})" if self.status.last_error else ""
+            raise BackendError(503, f"the inference backend is not ready: {self.status.state}{reason}", code="backend_not_ready")
+        client = self._client
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        try:
+            if self.status.model != model:
+                async with self._model_lock:
+                    if self.status.model != model:
+                        self._set_ready(True, "loading")
+                        try:
+                            await self._load(client, model)
+                        finally:
+                            self._set_ready(True, "ready")
+            yield client
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()

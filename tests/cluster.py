@@ -1,0 +1,201 @@
+"""Test helpers that run the real thing: `localp2p` subprocesses, real ports, real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+LOCALP2P = [sys.executable, "-m", "localp2p.cli"]
+#: Generous bounds: these machines have 2 cores and are shared with the build.
+START_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Proc:
+    """A localp2p subprocess: stdout lines queued for matching, stderr kept in a file."""
+
+    def __init__(self, args: Sequence[str], log_dir: pathlib.Path, name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.stderr_path = log_dir / f"{name}.stderr.log"
+        self._stderr = self.stderr_path.open("wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("LOCALP2P_LOG_FORMAT", "console")
+        self.popen = subprocess.Popen(
+            [*LOCALP2P, *args],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.stdout.append(line)
+            self.lines.put(line)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_line(self, needle: str, timeout: float = START_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no line containing {needle!r}; stderr:\n{self.stderr()[-3000:]}")
+            try:
+                line = self.lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.popen.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; stderr:\n{self.stderr()[-3000:]}") from None
+                continue
+            if needle in line:
+                return line
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._stderr.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the process and every child it started)."""
+        for pid in [self.pid, *descendants(self.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+def start_worker(log_dir: pathlib.Path, port: int | None = None, *extra: str, name: str | None = None) -> tuple[Proc, str]:
+    port = port or free_port()
+    proc = Proc(["worker", "llama-cpp-rpc", "127.0.0.1", str(port), "--threads", "1", *extra], log_dir, name or f"worker-{port}")
+    proc.wait_line("localp2p worker ready")
+    return proc, f"127.0.0.1:{port}"
+
+
+class Server:
+    """A running `localp2p run` and an HTTP client for it."""
+
+    def __init__(self, proc: Proc, base_url: str) -> None:
+        self.proc = proc
+        self.base_url = base_url
+        self.http = httpx.Client(base_url=base_url, timeout=120.0)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.popen.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.popen.returncode}:\n{self.proc.stderr()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http.get("/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready:\n{self.proc.stderr()[-3000:]}")
+
+    def status(self) -> dict[str, Any]:
+        return self.http.get("/api/status").json()  # type: ignore[no-any-return]
+
+    def chat(self, content: str, **params: Any) -> httpx.Response:
+        body = {"messages": [{"role": "user", "content": content}], "temperature": 0, **params}
+        return self.http.post("/v1/chat/completions", json=body)
+
+    def stream_events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any] | str]:
+        """SSE ``data:`` payloads of a streamed request, decoded; ``"[DONE]"`` as a string."""
+        with self.http.stream("POST", path, json={**body, "stream": True}) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                yield data if data == "[DONE]" else json.loads(data)
+
+    def close(self) -> None:
+        self.http.close()
+        self.proc.stop()
+
+
+def start_server(
+    log_dir: pathlib.Path,
+    *args: str,
+    rpc_servers: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    name: str = "server",
+    wait: bool = True,
+) -> Server:
+    port = free_port()
+    full_env = {"LLAMACPP_GRPC_SERVERS": ",".join(rpc_servers), **(env or {})}
+    proc = Proc(["run", "--address", f"127.0.0.1:{port}", "--threads", "2", *args], log_dir, name, full_env)
+    server = Server(proc, f"http://127.0.0.1:{port}")
+    if wait:
+        server.wait_ready()
+    return server
+
+
+def stream_text(events: Iterator[dict[str, Any] | str]) -> tuple[str, list[dict[str, Any] | str]]:
+    """Concatenated text of a chat or completion stream, and all its events."""
+    seen = list(events)
+    parts = []
+    for event in seen:
+        if isinstance(event, str) or "choices" not in event:
+            continue
+        for choice in event["choices"]:
+            parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return "".join(parts), seen
