@@ -54,6 +54,9 @@ def map_rpc_error(exc: grpc.RpcError) -> BackendError:
     if code in _STATUS_MAP:
         status, kind, err_code = _STATUS_MAP[code]
         return BackendError(status, details, kind, err_code)
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and "Exception calling application" in details:
+        # The backend is alive; the call itself raised (a bug or an unusual input).
+        return BackendError(500, f"the inference backend could not serve the request: {details}", "server_error")
     return BackendError(
         502,
         f"the inference backend failed during the request ({code.name.lower()}: {details}); "

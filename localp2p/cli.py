@@ -21,7 +21,7 @@ import trio
 from localp2p import __version__
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
 from localp2p.logs import FORMATS, configure_logging, get_logger
-from localp2p.supervisor import StartupError
+from localp2p.errors import StartupError
 
 #: Exit code for a configuration or start-up error (argparse uses 2 for usage errors).
 EXIT_STARTUP = 1

@@ -11,8 +11,11 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from localp2p.api import create_app
 from localp2p.config import ModelConfig
+from localp2p.errors import StartupError
 from localp2p.logs import get_logger
-from localp2p.supervisor import REQUEST_READY_WAIT, BackendSupervisor, StartupError
+from localp2p.netutil import check_port_free
+from localp2p.rpc import parse_endpoint
+from localp2p.supervisor import REQUEST_READY_WAIT, BackendSupervisor
 
 log = get_logger("server")
 
@@ -51,11 +54,13 @@ async def serve(settings: ServerSettings, *, task_status: trio.TaskStatus[list[s
         settings.models, rpc_servers=settings.rpc_servers, threads=settings.threads, ready_wait=settings.ready_wait
     )
     app = create_app(supervisor)
+    try:
+        host, port = parse_endpoint(settings.address)
+    except ValueError as exc:
+        raise StartupError(f"--address: {exc}") from None
+    check_port_free(host, port)
     async with trio.open_nursery() as nursery:
-        try:
-            urls = await nursery.start(hypercorn_serve, app, _hypercorn_config(settings.address))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {settings.address}: {exc.strerror or exc}") from None
+        urls = await nursery.start(hypercorn_serve, app, _hypercorn_config(settings.address))
         log.info(
             "listening",
             urls=urls,

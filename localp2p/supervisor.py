@@ -20,6 +20,7 @@ from localp2p import rpc
 from localp2p._proto import backend_pb2 as pb
 from localp2p.backend_client import BackendClient, BackendError
 from localp2p.config import RPC_SERVERS_ENV, ModelConfig
+from localp2p.errors import StartupError
 from localp2p.logs import get_logger
 from localp2p.procutil import python_module_argv, start_child, stop_child
 
@@ -38,10 +39,6 @@ RPC_SERVER_START_TIMEOUT = 30.0
 READY_POLL = 0.05
 #: Default bound on how long a request waits for the backend to become ready.
 REQUEST_READY_WAIT = 120.0
-
-
-class StartupError(Exception):
-    """The service could not start; the message is one line for the user."""
 
 
 class ChildExited(Exception):

@@ -389,6 +389,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
                     n_threads=model.options.Threads or None,
                     n_gpu_layers=EMBEDDING_GPU_LAYERS,
                     embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,  # one vector per input, not per token
                     op_offload=False,
                     verbose=False,
                 )

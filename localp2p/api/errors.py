@@ -35,6 +35,16 @@ def backend_error_body(exc: BackendError) -> dict[str, Any]:
     return error_body(exc.message, exc.error_type, code=exc.code)
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic puts union member names ('str', 'list[str]', 'TextPart') into error locations."""
+    if not isinstance(part, str):
+        return False
+    return "[" in part or "-" in part or part in _TYPE_NAMES or part[:1].isupper()
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -42,7 +52,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         return f"missing required parameter: {param}", param
