@@ -145,8 +145,10 @@ def _model_from_yaml(doc: Any, yaml_path: pathlib.Path, models_dir: pathlib.Path
             raise ConfigError(f"{where}: '{key}' must be a non-negative integer")
         return value
 
-    rpc_servers = doc.get("rpc_servers") or ()
-    if isinstance(rpc_servers, str):
+    rpc_servers = doc.get("rpc_servers")
+    if rpc_servers is None:
+        rpc_servers = ()
+    elif isinstance(rpc_servers, str):
         rpc_servers = parse_rpc_servers(rpc_servers)
     elif isinstance(rpc_servers, list):
         rpc_servers = parse_rpc_servers(",".join(map(str, rpc_servers)))

@@ -168,7 +168,9 @@ class BackendSupervisor:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.models = dict(models)
-        self.status = BackendStatus(model=next(iter(self.models)), rpc_servers=tuple(rpc_servers))
+        self.status = BackendStatus()
+        self._rpc_servers = tuple(rpc_servers)
+        self._target = next(iter(self.models))
         self._threads = threads
         self._ready_wait = ready_wait
         self._env = dict(env if env is not None else os.environ)
@@ -194,10 +196,15 @@ class BackendSupervisor:
             self._ready_changed.set()
             self._ready_changed = trio.Event()
 
+    def servers_for(self, model: str) -> tuple[str, ...]:
+        """The rpc-servers a model loads on: its YAML ``rpc_servers``, else the cluster's."""
+        return self.models[model].rpc_servers or self._rpc_servers
+
     def request_reload(self, rpc_servers: Sequence[str]) -> None:
         """Restart the backend with another list of rpc-servers once in-flight requests end."""
-        self.status.rpc_servers = tuple(rpc_servers)
-        self._reload.set()
+        self._rpc_servers = tuple(rpc_servers)
+        if self.servers_for(self._target) != self.status.rpc_servers:
+            self._reload.set()
 
     # -- the process -------------------------------------------------------------------
 
@@ -233,6 +240,7 @@ class BackendSupervisor:
         """One backend process from start to exit (crash, or drained for a reload)."""
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
+        self.status.rpc_servers = self.servers_for(self._target)
         env = dict(self._env)
         env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
         self._reload = trio.Event()
@@ -243,7 +251,7 @@ class BackendSupervisor:
         try:
             await self._wait_healthy(process, client)
             self._set_ready(False, "loading")
-            await self._load(client, self.status.model)
+            await self._load(client, self._target)
             self._client = client
             self._set_ready(True, "ready")
             if task_status is not None:
@@ -314,33 +322,50 @@ class BackendSupervisor:
 
     # -- requests ----------------------------------------------------------------------
 
+    async def _wait_ready(self) -> None:
+        while not self._ready:
+            await self._ready_changed.wait()
+
+    async def _switch_model(self, model: str) -> None:
+        """Make ``model`` the loaded one: in place, or by a restart when its rpc-servers differ."""
+        async with self._model_lock:
+            if self.status.model == model:
+                return
+            self._target = model
+            if self.servers_for(model) == self.status.rpc_servers and self._client is not None:
+                self._set_ready(True, "loading")
+                try:
+                    await self._load(self._client, model)
+                finally:
+                    self._set_ready(True, "ready")
+                return
+            self._reload.set()
+            while self._ready:
+                await self._ready_changed.wait()
+
     @contextlib.asynccontextmanager
     async def session(self, model: str) -> AsyncIterator[BackendClient]:
         """A ready backend with ``model`` loaded, held for one request.
 
-        Waits up to ``ready_wait`` seconds for a (re)starting backend, then raises
-        BackendError(503). The request counts as in flight until the block exits.
+        Waits up to ``ready_wait`` seconds for a (re)starting backend or a model switch,
+        then raises BackendError(503). The request counts as in flight (a reload waits
+        for it) from when it gets the backend until the block exits.
         """
         if model not in self.models:
             raise BackendError(404, f"model {model!r} not found", "invalid_request_error", "model_not_found")
         with trio.move_on_after(self._ready_wait):
-            while not self._ready:
-                await self._ready_changed.wait()
-        if not self._ready or self._client is None:
+            await self._wait_ready()
+            while self.status.model != model:
+                await self._switch_model(model)
+                await self._wait_ready()
+        if not self._ready or self._client is None or self.status.model != model:
             reason = f" ({self.status.last_error})" if self.status.last_error else ""
             raise BackendError(503, f"the inference backend is not ready: {self.status.state}{reason}", code="backend_not_ready")
         client = self._client
         self._in_flight += 1
-        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        if self._in_flight == 1:
+            self._idle = trio.Event()
         try:
-            if self.status.model != model:
-                async with self._model_lock:
-                    if self.status.model != model:
-                        self._set_ready(True, "loading")
-                        try:
-                            await self._load(client, model)
-                        finally:
-                            self._set_ready(True, "ready")
             yield client
         finally:
             self._in_flight -= 1

@@ -199,3 +199,54 @@ def stream_text(events: Iterator[dict[str, Any] | str]) -> tuple[str, list[dict[
         for choice in event["choices"]:
             parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
     return "".join(parts), seen
+
+
+class CountingProxy:
+    """A TCP relay on 127.0.0.1 that counts the bytes going each way (test instrumentation).
+
+    Used to measure what crosses the network between a server and an rpc-server.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.to_target = 0
+        self.from_target = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+        try:
+            while data := src.recv(1 << 20):
+                dst.sendall(data)
+                with self._lock:
+                    if outbound:
+                        self.to_target += len(data)
+                    else:
+                        self.from_target += len(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.to_target = self.from_target = 0
+
+    def close(self) -> None:
+        self._listener.close()
