@@ -1,0 +1,1018 @@
+"""Peer discovery: mDNS on the LAN (python-zeroconf) and Kademlia DHT beyond it.
+
+Both discovery services only *emit candidates*: a :class:`Candidate` says
+"this peer id was announced with these addresses". Nothing here connects to a
+candidate for its own sake, authenticates it or decides whether it is a
+member of our network; the consumer (auth, then the worker set) does that.
+Candidates are hints and may repeat: the same peer can be reported again
+(re-announcements, address changes, periodic DHT re-emission), so consumers
+key their state by ``peer_id``.
+
+Removal ("gone") events
+    mDNS can tell when a peer leaves: a goodbye packet (TTL 0, sent when
+    :func:`run_mdns` of that peer stops cleanly) or the expiry of its cached
+    records (:data:`MDNS_RECORD_TTL` after its last announcement, e.g. after
+    a crash or a partition). It is then reported as a ``Candidate`` with
+    ``gone=True``, ``source="mdns"`` and empty ``addrs``. A gone event is only
+    emitted for a peer previously reported by the same :func:`run_mdns`.
+    The DHT cannot know when a provider leaves (records live for 48 h), so
+    :func:`run_dht_discovery` never emits ``gone``. Liveness is the job of
+    the libp2p connection, not of discovery.
+
+Threads
+    python-zeroconf runs its own asyncio loop in a thread, and the threaded
+    ``ServiceBrowser`` calls our handler on yet another thread. The handler
+    only hands ``(name, state change)`` to trio with
+    ``TrioToken.run_sync_soon`` (non-blocking, thread-safe) into a bounded
+    memory channel; everything else (resolving, parsing, sending candidates)
+    happens in a trio task. Zeroconf calls that block (constructor,
+    ``register_service``, ``get_service_info``, ``close``) run in
+    ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+from libp2p.kad_dht.common import ALPHA as KAD_ALPHA
+from libp2p.kad_dht.common import QUERY_TIMEOUT as KAD_QUERY_TIMEOUT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from multiaddr import Multiaddr
+from zeroconf import (
+    BadTypeInNameException,
+    InterfaceChoice,
+    InterfacesType,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf import service_type_name as _zc_service_type_name
+
+from localp2p.logs import get_logger
+
+from .dht import NodeDHT, content_key
+from .node import P2PNode, strip_p2p
+
+__all__ = [
+    "Candidate",
+    "DHT_INITIAL_INTERVAL",
+    "DHT_MAX_INTERVAL",
+    "DHT_REEMIT_INTERVAL",
+    "DHT_REPROVIDE_INTERVAL",
+    "MDNS_REANNOUNCE_INTERVAL",
+    "MDNS_RECORD_TTL",
+    "add_dht_peer",
+    "advertisable_addrs",
+    "run_dht_discovery",
+    "run_mdns",
+]
+
+_log: Any = get_logger(__name__)
+
+Source = Literal["mdns", "dht"]
+
+# --------------------------------------------------------------------------
+# Tunables
+# --------------------------------------------------------------------------
+
+#: TTL (s) of our mDNS records (PTR, SRV, TXT, A). zeroconf's defaults are
+#: 75 min for PTR/TXT: a peer that crashed (no goodbye) would linger that
+#: long in everyone's cache. 2 min bounds that, at the cost of one refresh
+#: query per peer around 75 % of the TTL.
+MDNS_RECORD_TTL = 120
+
+#: Seconds between our unsolicited re-announcements. After its four start-up
+#: queries zeroconf's browser only queries to refresh records it already has,
+#: so a peer that missed our first announcements (a partition that healed, a
+#: cache entry that expired) would otherwise not see us again for a long time.
+MDNS_REANNOUNCE_INTERVAL = 30.0
+
+#: How long (ms) one resolution of an announced service may wait for its
+#: SRV/TXT/A records when they were not in the announcement packet already.
+MDNS_RESOLVE_TIMEOUT_MS = 3000
+
+#: Resolutions (threads) in flight at once; each may wait up to
+#: MDNS_RESOLVE_TIMEOUT_MS for a peer that announced but does not answer.
+MDNS_MAX_CONCURRENT_RESOLVES = 8
+
+#: Buffer for zeroconf-thread -> trio events. The zeroconf thread must never
+#: block on us; when this is full (a flood of announcements) events are
+#: dropped with a warning (a later re-announcement brings the peer back).
+MDNS_EVENT_BUFFER = 256
+
+#: Upper bound (s) for the shielded shutdown (goodbye packets, threads).
+MDNS_CLOSE_TIMEOUT = 5.0
+
+#: TXT budget. RFC 6763 §6.1/6.2: each string <= 255 bytes and the record
+#: should stay well below the 1300 bytes that fit in one packet together
+#: with PTR/SRV/A; we stop adding addresses when this total is reached.
+MDNS_TXT_MAX_BYTES = 900
+#: At most this many multiaddrs are put in TXT (a host with many interfaces
+#: does not need to advertise all of them for one to work).
+MDNS_MAX_TXT_ADDRS = 16
+#: ``name`` is truncated to this many UTF-8 bytes in TXT.
+MDNS_MAX_NAME_BYTES = 64
+#: Version of our TXT layout (``v`` key), so a future layout can be told apart.
+MDNS_TXT_VERSION = "1"
+
+#: mDNS over IPv4 only: IPv6 multicast needs per-interface scope ids and
+#: link-local addresses that are not ready until DAD finishes, and gives us
+#: nothing on a LAN that IPv4 does not. IPv6 *multiaddrs* are still
+#: advertised in TXT when the node listens on IPv6.
+MDNS_IP_VERSION = IPVersion.V4Only
+
+#: First DHT round interval (s): a worker must be found within ~10 s of start,
+#: so the first searches (and provide retries) come quickly.
+DHT_INITIAL_INTERVAL = 2.0
+#: Steady-state interval (s): bounds how late a worker that joins later is
+#: noticed; each round costs a few KAD round trips per rendezvous key.
+DHT_MAX_INTERVAL = 10.0
+#: Interval growth per round from initial to max (2, 3, 4.5, 6.75, 10 s).
+DHT_BACKOFF_FACTOR = 1.5
+#: Re-provide each rendezvous key this often (s) even after success: provider
+#: records live in memory on the DHT servers nearest the key, and one that
+#: restarted or joined after we provided would otherwise not know us until
+#: KadDHT's own 22 h republish.
+DHT_REPROVIDE_INTERVAL = 60.0
+#: An unchanged DHT candidate is sent again after this long (s), so a
+#: consumer that dropped the peer (e.g. a failed dial) gets another chance.
+DHT_REEMIT_INTERVAL = 60.0
+#: Upper bound (s) for one provide or one provider lookup; KadDHT's own
+#: per-peer timeout is 10 s and a lookup may hop several times.
+DHT_OPERATION_TIMEOUT = 20.0
+#: Upper bound (s) for dialing one bootstrap (or mDNS-found) peer.
+DHT_CONNECT_TIMEOUT = 5.0
+#: Providers asked for per key and lookup (KadDHT's k).
+DHT_MAX_PROVIDERS = 20
+
+
+# --------------------------------------------------------------------------
+# Candidate
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A peer that was announced (or, with ``gone=True``, withdrawn).
+
+    :ivar peer_id: the announced libp2p peer id. For mDNS this is what the
+        announcement *claims*; only the Noise handshake proves it.
+    :ivar addrs: dialable multiaddrs without ``/p2p`` (empty when ``gone``).
+    :ivar source: ``"mdns"`` or ``"dht"``.
+    :ivar role: ``"server"`` / ``"worker"`` if the announcement carries it
+        (mDNS TXT ``role``); ``None`` for the DHT.
+    :ivar name: human-readable node name from mDNS TXT, else ``None``.
+    :ivar gone: the peer withdrew its mDNS announcement (goodbye or expiry).
+    """
+
+    peer_id: ID
+    addrs: tuple[Multiaddr, ...]
+    source: Source
+    role: str | None = None
+    name: str | None = None
+    gone: bool = False
+
+    @property
+    def peer_info(self) -> PeerInfo:
+        """``PeerInfo(peer_id, addrs)`` for ``node.connect`` / ``dht.add_peer``."""
+        return PeerInfo(self.peer_id, list(self.addrs))
+
+
+# --------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------
+
+
+def _ip_of(addr: Multiaddr) -> tuple[str | None, str | None]:
+    """``(family, ip)`` of a multiaddr: family is ``"ip4"``/``"ip6"`` or None."""
+    for family in ("ip4", "ip6"):
+        try:
+            return family, addr.value_for_protocol(family)
+        except Exception:
+            continue
+    return None, None
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"
+
+
+def advertisable_addrs(addrs: Iterable[Multiaddr]) -> list[Multiaddr]:
+    """The subset of ``addrs`` worth announcing to other hosts.
+
+    Drops wildcards (``0.0.0.0``, ``::``), IPv6 link-local addresses (not
+    dialable without a zone) and non-TCP addresses, strips ``/p2p``, and drops
+    loopback addresses *unless nothing else is left* (a loopback-only host,
+    as in tests, still announces ``127.0.0.1``). Order is kept, duplicates
+    removed.
+    """
+    kept: dict[str, Multiaddr] = {}
+    loopback: dict[str, Multiaddr] = {}
+    for raw in addrs:
+        addr = strip_p2p(raw)
+        if "tcp" not in [p.name for p in addr.protocols()]:
+            continue
+        family, ip = _ip_of(addr)
+        if family is None or ip is None:
+            continue
+        if ip in ("0.0.0.0", "::") or ip.lower().startswith("fe80:"):
+            continue
+        target = loopback if _is_loopback(ip) else kept
+        target.setdefault(str(addr), addr)
+    return list((kept or loopback).values())
+
+
+# --------------------------------------------------------------------------
+# mDNS
+# --------------------------------------------------------------------------
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never mid-character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+
+
+def _txt_properties(
+    peer_id: ID, role: str, name: str, addrs: Sequence[Multiaddr]
+) -> dict[str, str]:
+    """TXT key/values: ``v``, ``id``, ``role``, ``name`` and ``a0``..``aN``.
+
+    Stays under :data:`MDNS_TXT_MAX_BYTES` in total and 255 bytes per string
+    (an address that does not fit is skipped).
+    """
+    props: dict[str, str] = {
+        "v": MDNS_TXT_VERSION,
+        "id": str(peer_id),
+        "role": _truncate_utf8(role, 32),
+        "name": _truncate_utf8(name, MDNS_MAX_NAME_BYTES),
+    }
+
+    def size(p: dict[str, str]) -> int:  # 1 length byte + "key=value"
+        return sum(1 + len(k.encode()) + 1 + len(v.encode()) for k, v in p.items())
+
+    total = size(props)
+    index = 0
+    for addr in addrs:
+        if index >= MDNS_MAX_TXT_ADDRS:
+            break
+        key, value = f"a{index}", str(addr)
+        entry = 1 + len(key) + 1 + len(value.encode())
+        if entry > 256 or total + entry > MDNS_TXT_MAX_BYTES:
+            continue
+        props[key] = value
+        total += entry
+        index += 1
+    return props
+
+
+def _build_service_info(
+    node: P2PNode, service_type: str, role: str, name: str
+) -> ServiceInfo:
+    """Our announcement: instance name = peer id, TXT as in :func:`_txt_properties`.
+
+    SRV/A records carry the first advertised TCP port and the advertised IPv4
+    addresses; TXT carries full multiaddrs (what consumers actually dial).
+    """
+    peer_id = node.peer_id
+    addrs = advertisable_addrs(node.listen_addrs)
+    port = 0
+    ipv4: list[str] = []
+    for addr in addrs:
+        family, ip = _ip_of(addr)
+        if port == 0:
+            port = int(addr.value_for_protocol("tcp"))
+        if family == "ip4" and ip is not None and ip not in ipv4:
+            ipv4.append(ip)
+    return ServiceInfo(
+        service_type,
+        f"{peer_id}.{service_type}",
+        port=port,
+        properties=_txt_properties(peer_id, role, name, addrs),
+        # Unique per node (not the machine's hostname): two nodes on one
+        # machine must not fight over the host name or send goodbyes for
+        # each other's address records.
+        server=f"lp2p-{peer_id}.local.",
+        parsed_addresses=ipv4,
+        host_ttl=MDNS_RECORD_TTL,
+        other_ttl=MDNS_RECORD_TTL,
+    )
+
+
+def _instance_label(name: str, service_type: str) -> str:
+    """``"<label>"`` of ``"<label>.<service_type>"`` (case-insensitive match)."""
+    if name.lower().endswith("." + service_type.lower()):
+        return name[: -len(service_type) - 1]
+    return name
+
+
+def _decode_txt(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", errors="replace")
+
+
+def _candidate_from_info(info: ServiceInfo, service_type: str) -> Candidate:
+    """Parse a resolved announcement into a :class:`Candidate`.
+
+    :raises ValueError: if the announcement is not one of ours or is
+        malformed (missing/invalid ``id``, ``id`` not matching the instance
+        name, no usable address).
+    """
+    props = {
+        (k.decode("utf-8", errors="replace") if isinstance(k, bytes) else str(k)): v
+        for k, v in (info.properties or {}).items()
+    }
+    raw_id = _decode_txt(props.get("id"))
+    if not raw_id:
+        raise ValueError("TXT has no id")
+    peer_id = ID.from_base58(raw_id)  # ValueError on garbage
+    label = _instance_label(info.name, service_type)
+    # DNS names compare case-insensitively, base58 does not: check loosely.
+    if label.lower() != raw_id.lower():
+        raise ValueError(f"instance name {label!r} does not match TXT id {raw_id!r}")
+    addrs: dict[str, Multiaddr] = {}
+    for key in sorted(
+        (k for k in props if k.startswith("a") and k[1:].isdigit()),
+        key=lambda k: int(k[1:]),
+    ):
+        value = _decode_txt(props[key])
+        if not value:
+            continue
+        try:
+            addr = strip_p2p(Multiaddr(value))
+        except Exception:
+            _log.debug("mdns: bad multiaddr in TXT", peer_id=raw_id, value=value)
+            continue
+        if "tcp" in [p.name for p in addr.protocols()]:
+            addrs.setdefault(str(addr), addr)
+    if not addrs and info.port:
+        # No (valid) multiaddrs in TXT: fall back to the A records + SRV port.
+        for ip in info.parsed_addresses(IPVersion.V4Only):
+            addr = Multiaddr(f"/ip4/{ip}/tcp/{info.port}")
+            addrs.setdefault(str(addr), addr)
+    if not addrs:
+        raise ValueError("announcement has no usable address")
+    return Candidate(
+        peer_id=peer_id,
+        addrs=tuple(addrs.values()),
+        source="mdns",
+        role=_decode_txt(props.get("role")) or None,
+        name=_decode_txt(props.get("name")),
+    )
+
+
+def _resolve_blocking(zc: Zeroconf, service_type: str, name: str) -> ServiceInfo | None:
+    """Resolve SRV/TXT/A for ``name`` (cache first, then query). Blocks."""
+    info = ServiceInfo(service_type, name)
+    if info.load_from_cache(zc):
+        return info
+    if info.request(zc, MDNS_RESOLVE_TIMEOUT_MS):
+        return info
+    return None
+
+
+def _close_blocking(zc: Zeroconf, browser: ServiceBrowser | None) -> None:
+    """Stop the browser thread, send goodbyes, stop zeroconf's threads. Blocks."""
+    try:
+        if browser is not None:
+            browser.cancel()
+    finally:
+        zc.close()  # unregister_all_services(): goodbye (TTL 0) x3
+
+
+@dataclass
+class _MdnsState:
+    """Per-:func:`run_mdns` bookkeeping (owned by its trio tasks only)."""
+
+    #: lower-cased service instance name -> the candidate we reported for it
+    reported: dict[str, Candidate] = field(default_factory=dict)
+    #: lower-cased service instance name -> number of its latest event
+    generation: dict[str, int] = field(default_factory=dict)
+    registered: bool = False
+
+
+async def run_mdns(
+    node: P2PNode,
+    service_type: str,
+    *,
+    role: str,
+    name: str,
+    send_channel: trio.MemorySendChannel[Candidate],
+    interfaces: InterfacesType = InterfaceChoice.All,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Announce ``node`` via mDNS and report peers announcing the same service type.
+
+    Owns one ``Zeroconf`` instance (its sockets on ``interfaces``, IPv4 only,
+    its threads) and one ``ServiceBrowser``, for as long as it runs. Our
+    service instance is named after our peer id, with TXT ``id``, ``role``,
+    ``name`` and ``a0..aN`` (our advertisable listen multiaddrs, see
+    :func:`advertisable_addrs`). It is re-announced every
+    :data:`MDNS_REANNOUNCE_INTERVAL` seconds (rebuilt, so changed listen
+    addresses are picked up).
+
+    Sends a :class:`Candidate` (``source="mdns"``) to ``send_channel`` for
+    every added or updated service of ``service_type`` other than our own,
+    and a ``gone=True`` candidate when a reported one is removed. The channel
+    is not closed here (the caller owns it; several producers may share it).
+    If its receiver is closed, this task logs and returns.
+
+    ``task_status.started()`` is called once browsing runs and our service
+    is registered (registration probes for ~1.5 s). Runs until cancelled;
+    then, shielded and bounded by :data:`MDNS_CLOSE_TIMEOUT`, it sends
+    goodbye packets and stops zeroconf.
+
+    Errors after start (a malformed announcement, a failed resolution, a
+    failed registration or re-announcement) are logged and survived.
+
+    :param service_type: e.g. ``"_lp2p-1a2b3c4d._tcp.local."``.
+    :param role: ``"server"`` or ``"worker"`` (put in TXT).
+    :param name: human-readable node name (put in TXT, truncated).
+    :param interfaces: zeroconf interface choice (default: all).
+    :raises ValueError: ``service_type`` is not a valid mDNS service type
+        (before ``started``).
+    :raises OSError: zeroconf could not open its sockets (before ``started``).
+    """
+    try:
+        _zc_service_type_name(service_type, strict=True)
+    except BadTypeInNameException as exc:
+        raise ValueError(f"invalid mDNS service type {service_type!r}: {exc}") from exc
+
+    own_label = str(node.peer_id).lower()
+    token = trio.lowlevel.current_trio_token()
+    events_send, events_recv = trio.open_memory_channel[tuple[str, ServiceStateChange]](
+        MDNS_EVENT_BUFFER
+    )
+
+    def deliver(event: tuple[str, ServiceStateChange]) -> None:
+        # Runs in the trio thread (via run_sync_soon) - must never raise.
+        try:
+            events_send.send_nowait(event)
+        except trio.WouldBlock:
+            _log.warning("mdns: event buffer full, dropping event", service=event[0])
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        except Exception as exc:  # pragma: no cover - defensive
+            _log.error("mdns: cannot deliver event", error=repr(exc))
+
+    def on_state_change(
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        # Runs on zeroconf's ServiceBrowser thread: touch no trio object here.
+        try:
+            token.run_sync_soon(deliver, (name, state_change))
+        except trio.RunFinishedError:
+            pass
+
+    zc: Zeroconf = await trio.to_thread.run_sync(
+        functools.partial(Zeroconf, interfaces=interfaces, ip_version=MDNS_IP_VERSION)
+    )
+    browser: ServiceBrowser | None = None
+    state = _MdnsState()
+    try:
+        # Browse before registering: finding others need not wait for our
+        # ~1.5 s of name probing.
+        browser = await trio.to_thread.run_sync(
+            functools.partial(
+                ServiceBrowser, zc, service_type, handlers=[on_state_change]
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _mdns_consume_events,
+                zc,
+                service_type,
+                own_label,
+                events_recv,
+                send_channel,
+                state,
+                nursery.cancel_scope,
+            )
+            info = _build_service_info(node, service_type, role, name)
+            info = await _mdns_register(zc, info, state)
+            _log.info(
+                "mdns started",
+                service_type=service_type,
+                peer_id=str(node.peer_id),
+                role=role,
+                registered=state.registered,
+                addrs=[_decode_txt(v) for k, v in info.properties.items() if k.startswith(b"a")],
+            )
+            task_status.started()
+            nursery.start_soon(
+                _mdns_reannounce_loop, zc, node, service_type, role, name, info, state
+            )
+    finally:
+        events_send.close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(MDNS_CLOSE_TIMEOUT) as scope:
+                try:
+                    await trio.to_thread.run_sync(
+                        _close_blocking, zc, browser, abandon_on_cancel=True
+                    )
+                except Exception as exc:
+                    _log.warning("mdns: error while closing zeroconf", error=repr(exc))
+            if scope.cancelled_caught:
+                _log.warning("mdns: zeroconf did not close in time")
+        _log.info("mdns stopped", service_type=service_type, peer_id=str(node.peer_id))
+
+
+async def _mdns_register(zc: Zeroconf, info: ServiceInfo, state: _MdnsState) -> ServiceInfo:
+    """Register (first time) or re-announce ``info``; log failures, never raise."""
+    try:
+        if state.registered:
+            await trio.to_thread.run_sync(zc.update_service, info)
+        else:
+            await trio.to_thread.run_sync(
+                functools.partial(zc.register_service, info, allow_name_change=False)
+            )
+            state.registered = True
+    except NonUniqueNameException:
+        _log.error(
+            "mdns: another responder already announces our peer id "
+            "(same identity running twice?); will retry",
+            name=info.name,
+        )
+    except Exception as exc:
+        _log.warning("mdns: (re)announcement failed; will retry", error=repr(exc))
+    return info
+
+
+async def _mdns_reannounce_loop(
+    zc: Zeroconf,
+    node: P2PNode,
+    service_type: str,
+    role: str,
+    name: str,
+    info: ServiceInfo,
+    state: _MdnsState,
+) -> None:
+    """Every :data:`MDNS_REANNOUNCE_INTERVAL`: rebuild our record and announce it."""
+    while True:
+        await trio.sleep(MDNS_REANNOUNCE_INTERVAL)
+        try:
+            new_info = _build_service_info(node, service_type, role, name)
+        except Exception as exc:
+            _log.warning("mdns: cannot build announcement", error=repr(exc))
+            continue
+        if new_info.properties != info.properties or new_info.port != info.port:
+            _log.info("mdns: our addresses changed; updating announcement")
+        info = await _mdns_register(zc, new_info, state)
+
+
+async def _mdns_consume_events(
+    zc: Zeroconf,
+    service_type: str,
+    own_label: str,
+    events: trio.MemoryReceiveChannel[tuple[str, ServiceStateChange]],
+    send_channel: trio.MemorySendChannel[Candidate],
+    state: _MdnsState,
+    cancel_scope: trio.CancelScope,
+) -> None:
+    """Turn browser events into candidates.
+
+    Removals are handled inline; each add/update is resolved in its own task
+    (at most :data:`MDNS_MAX_CONCURRENT_RESOLVES` at a time), so an
+    announcement that never resolves cannot hold up the others. Every event
+    takes a new generation number for its service name; a resolution whose
+    name has seen a newer event since is discarded, so per name the last
+    event wins. If the consumer of ``send_channel`` went away, cancels
+    ``cancel_scope`` (the whole :func:`run_mdns`).
+    """
+    limiter = trio.CapacityLimiter(MDNS_MAX_CONCURRENT_RESOLVES)
+    counter = 0
+
+    async def send(candidate: Candidate) -> None:
+        try:
+            await send_channel.send(candidate)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            _log.warning("mdns: candidate receiver closed; stopping mdns")
+            cancel_scope.cancel()
+
+    async def resolve(service_name: str, change: ServiceStateChange, generation: int) -> None:
+        key = service_name.lower()
+        try:
+            info = await trio.to_thread.run_sync(
+                _resolve_blocking, zc, service_type, service_name,
+                abandon_on_cancel=True, limiter=limiter,
+            )  # fmt: skip
+            if state.generation.get(key) != generation:
+                return  # superseded by a newer event for this name
+            if info is None:
+                _log.debug("mdns: could not resolve service", service=service_name)
+                return
+            candidate = _candidate_from_info(info, service_type)
+        except Exception as exc:
+            _log.warning(
+                "mdns: ignoring bad announcement",
+                service=service_name,
+                change=change.name,
+                error=repr(exc),
+            )
+            return
+        if state.reported.get(key) == candidate:
+            return  # nothing new (e.g. only an A record was refreshed)
+        state.reported[key] = candidate
+        _log.debug(
+            "mdns: candidate",
+            peer_id=str(candidate.peer_id),
+            role=candidate.role,
+            addrs=[str(a) for a in candidate.addrs],
+        )
+        await send(candidate)
+
+    async with events, trio.open_nursery() as nursery:
+        async for service_name, change in events:
+            if _instance_label(service_name, service_type).lower() == own_label:
+                continue
+            key = service_name.lower()
+            counter += 1
+            state.generation[key] = counter
+            if change is not ServiceStateChange.Removed:
+                nursery.start_soon(resolve, service_name, change, counter)
+                continue
+            del state.generation[key]
+            previous = state.reported.pop(key, None)
+            if previous is None:
+                continue
+            _log.info("mdns: peer gone", peer_id=str(previous.peer_id))
+            await send(
+                Candidate(
+                    peer_id=previous.peer_id,
+                    addrs=(),
+                    source="mdns",
+                    role=previous.role,
+                    name=previous.name,
+                    gone=True,
+                )
+            )
+
+
+# --------------------------------------------------------------------------
+# DHT
+# --------------------------------------------------------------------------
+
+
+def _as_peer_info(entry: Multiaddr | PeerInfo | str) -> PeerInfo:
+    """A bootstrap entry as ``PeerInfo`` (``/p2p/<id>`` is required in multiaddrs)."""
+    if isinstance(entry, PeerInfo):
+        return PeerInfo(entry.peer_id, [strip_p2p(a) for a in entry.addrs])
+    addr = entry if isinstance(entry, Multiaddr) else Multiaddr(entry)
+    try:
+        info = info_from_p2p_addr(addr)
+    except Exception as exc:
+        raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>: {exc}") from exc
+    return PeerInfo(info.peer_id, [strip_p2p(a) for a in info.addrs])
+
+
+async def add_dht_peer(dht: NodeDHT, candidate: Candidate | PeerInfo) -> bool:
+    """Dial a discovered peer and put it in the DHT routing table.
+
+    Meant for mDNS candidates: a LAN peer found by mDNS becomes a DHT
+    neighbour, so DHT lookups work even with no bootstrap list. Bounded by
+    :data:`DHT_CONNECT_TIMEOUT`; never raises (errors are logged).
+
+    :return: ``True`` if the peer is now in the routing table.
+    """
+    if isinstance(candidate, Candidate):
+        if candidate.gone or not candidate.addrs:
+            return False
+        info = candidate.peer_info
+    else:
+        info = candidate
+    if info.peer_id == dht.node.peer_id:
+        return False
+    try:
+        with trio.move_on_after(DHT_CONNECT_TIMEOUT):
+            return bool(await dht.add_peer(info))
+        _log.info("dht: adding peer timed out", peer_id=str(info.peer_id))
+    except Exception as exc:
+        _log.info("dht: could not add peer", peer_id=str(info.peer_id), error=repr(exc))
+    _forget_addrs(dht, info.peer_id)
+    return False
+
+
+def _forget_addrs(dht: NodeDHT, peer_id: ID) -> None:
+    """Drop the peerstore addresses of a peer we just failed to dial.
+
+    ``host.connect`` stores them before dialing, and while the routing table
+    is small KadDHT's lookups query *every* peer in the peerstore: each
+    lookup would wait on the dead peer's dial retries again. Not done for a
+    peer we are still connected to. Our own copy (e.g. the bootstrap list)
+    is kept, so a later retry still knows where to dial.
+    """
+    if peer_id in dht.node.connected_peers():
+        return
+    try:
+        dht.node.host.get_peerstore().clear_addrs(peer_id)
+    except Exception:
+        pass
+
+
+def _merge_provider(found: dict[ID, list[Multiaddr]], info: PeerInfo) -> None:
+    addrs = found.setdefault(info.peer_id, [])
+    for addr in info.addrs:
+        addr = strip_p2p(addr)
+        if addr not in addrs:
+            addrs.append(addr)
+
+
+async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID, list[Multiaddr]]:
+    """Providers of ``raw_key``: our own store plus a fresh network lookup.
+
+    ``ProviderStore.find_providers`` returns the local cache as soon as it
+    has *any* record for the key (including our own record when we also
+    provide the key, and records cached by earlier lookups) and only asks the
+    network when it has none - a searcher would never see a second worker.
+    This is the same iterative GET_PROVIDERS walk without that short cut,
+    and it does not add what it finds to the local store. Includes self.
+    """
+    kad = dht.kad
+    store = kad.provider_store
+    key = content_key(raw_key)
+    own = dht.node.peer_id
+    found: dict[ID, list[Multiaddr]] = {}
+    for info in store.get_providers(key):
+        _merge_provider(found, info)
+
+    candidates = [p for p in await kad.peer_routing.find_closest_peers_network(key) if p != own]
+    queried: set[ID] = set()
+    while candidates and len(found) < count + 1:
+        batch, candidates = candidates[:KAD_ALPHA], candidates[KAD_ALPHA:]
+        closer: list[ID] = []
+
+        async def ask(peer: ID) -> None:
+            queried.add(peer)
+            try:
+                with trio.move_on_after(KAD_QUERY_TIMEOUT):
+                    providers, closer_peers = await store._get_providers_from_peer_with_closers(
+                        peer, key
+                    )
+                    for info in providers:
+                        _merge_provider(found, info)
+                    closer.extend(closer_peers)
+            except Exception as exc:
+                _log.debug("dht: GET_PROVIDERS failed", peer_id=str(peer), error=repr(exc))
+
+        async with trio.open_nursery() as nursery:
+            for peer in batch:
+                if peer not in queried:
+                    nursery.start_soon(ask, peer)
+        for peer in closer:
+            if peer != own and peer not in queried and peer not in candidates:
+                candidates.append(peer)
+    # Providers that sent no addresses: try what the peerstore knows.
+    peerstore = dht.node.host.get_peerstore()
+    for peer, addrs in found.items():
+        if not addrs:
+            try:
+                addrs.extend(strip_p2p(a) for a in peerstore.addrs(peer))
+            except Exception:
+                pass
+    return found
+
+
+@dataclass
+class _DhtState:
+    """Per-:func:`run_dht_discovery` bookkeeping (owned by its trio tasks)."""
+
+    bootstrap: list[PeerInfo]
+    #: raw key -> monotonic time of the last provide that reached a peer
+    provided: dict[bytes, float] = field(default_factory=dict)
+    #: peer id -> (addresses, monotonic time) of the last candidate sent
+    emitted: dict[ID, tuple[tuple[str, ...], float]] = field(default_factory=dict)
+    #: bootstrap peers whose last dial failed (to log each outage once)
+    unreachable: set[ID] = field(default_factory=set)
+    #: the raw rendezvous keys of the last round
+    keys: list[bytes] = field(default_factory=list)
+    #: set by the bootstrap task when a bootstrap peer was (re)added: the
+    #: discovery loop then runs a round at once, re-provides everything
+    #: (that peer may have lost our records) and restarts its backoff
+    kick: trio.Event = field(default_factory=trio.Event)
+
+
+async def run_dht_discovery(
+    node: P2PNode,
+    dht: NodeDHT,
+    rendezvous_keys: Callable[[], list[bytes]],
+    *,
+    advertise: bool,
+    search: bool,
+    send_channel: trio.MemorySendChannel[Candidate],
+    bootstrap: Sequence[Multiaddr | PeerInfo | str] = (),
+    interval: float = DHT_MAX_INTERVAL,
+    initial_interval: float = DHT_INITIAL_INTERVAL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Rendezvous through the Kademlia DHT: provide and/or look up our keys.
+
+    Owns two tasks, both running until cancelled:
+
+    * a bootstrap task that dials every bootstrap peer that is not connected
+      (or not in the routing table) and adds it to the DHT
+      (:meth:`NodeDHT.add_peer`), concurrently and each bounded by
+      :data:`DHT_CONNECT_TIMEOUT`, then re-checks on the same backoff as
+      below (an unreachable bootstrap peer never delays a round);
+    * a loop of rounds. Each round calls ``rendezvous_keys()`` (current and
+      previous epoch key: keys rotate, so they are re-read every round);
+      if ``advertise``, provides every key that was never provided, whose
+      last provide reached no remote peer, or that is older than
+      :data:`DHT_REPROVIDE_INTERVAL`; if ``search``, looks up the providers
+      of every key (our store plus a fresh network walk, see
+      :func:`_lookup_providers`) and sends a :class:`Candidate`
+      (``source="dht"``, no role/name, never ``gone``) for every provider
+      other than us whose addresses are new or changed, or that was last
+      sent more than :data:`DHT_REEMIT_INTERVAL` ago.
+
+    Rounds start ``initial_interval`` apart and back off by
+    :data:`DHT_BACKOFF_FACTOR` to ``interval``; the backoff restarts (and a
+    round runs at once) when the key set changes or a bootstrap peer is
+    (re)added. Every step is time-bounded and its errors are logged, never
+    raised. ``send_channel`` is not closed here; if its receiver is closed,
+    this logs and returns.
+
+    :param rendezvous_keys: returns raw rendezvous keys (hashed with
+        :func:`~localp2p.p2p.dht.content_key` before use).
+    :param bootstrap: multiaddrs ending in ``/p2p/<id>`` (or ``PeerInfo``s);
+        our own id is skipped.
+    :raises ValueError: a bootstrap entry has no peer id (before ``started``).
+    """
+    state = _DhtState(
+        bootstrap=[
+            info for info in map(_as_peer_info, bootstrap) if info.peer_id != node.peer_id
+        ]
+    )
+    initial_interval = min(initial_interval, interval)
+    async with trio.open_nursery() as nursery:
+        if state.bootstrap:
+            nursery.start_soon(_dht_bootstrap_loop, dht, state, initial_interval, interval)
+        task_status.started()
+        _log.info(
+            "dht discovery started",
+            advertise=advertise,
+            search=search,
+            bootstrap=[str(i.peer_id) for i in state.bootstrap],
+        )
+        delay = initial_interval
+        while True:
+            round_started = trio.current_time()
+            speed_up = False
+            if state.kick.is_set():
+                state.kick = trio.Event()
+                state.provided.clear()
+                speed_up = True
+            try:
+                keys = [bytes(k) for k in rendezvous_keys()]
+            except Exception as exc:
+                _log.warning("dht: rendezvous_keys() failed; reusing last keys", error=repr(exc))
+                keys = state.keys
+            if keys != state.keys:
+                speed_up = speed_up or bool(state.keys)  # a rotation, not the first round
+                _forget_old_keys(dht, state, keys)
+                state.keys = keys
+            if advertise:
+                await _dht_provide(dht, state)
+            if search and not await _dht_search(dht, state, send_channel):
+                nursery.cancel_scope.cancel()
+                return
+            if speed_up:
+                delay = initial_interval
+            with trio.move_on_at(round_started + delay):
+                await state.kick.wait()
+            delay = min(delay * DHT_BACKOFF_FACTOR, interval)
+
+
+async def _dht_bootstrap_loop(
+    dht: NodeDHT, state: _DhtState, initial_interval: float, interval: float
+) -> None:
+    """Keep the bootstrap peers connected and in the routing table (forever)."""
+    delay = initial_interval
+    while True:
+        if await _dht_bootstrap(dht, state):
+            delay = initial_interval
+        await trio.sleep(delay)
+        delay = min(delay * DHT_BACKOFF_FACTOR, interval)
+
+
+async def _dht_bootstrap(dht: NodeDHT, state: _DhtState) -> bool:
+    """Dial bootstrap peers that are not connected or not in the routing table.
+
+    Dials run concurrently; each success sets ``state.kick`` at once (a slow
+    or dead bootstrap peer does not hold back the others).
+
+    :return: ``True`` if at least one of them was (re)added.
+    """
+    connected = set(dht.node.connected_peers())
+    in_table = set(dht.routing_table_peers())
+    added = False
+
+    async def one(info: PeerInfo) -> None:
+        nonlocal added
+        try:
+            with trio.move_on_after(DHT_CONNECT_TIMEOUT):
+                if await dht.add_peer(info):
+                    _log.info("dht: bootstrap peer added", peer_id=str(info.peer_id))
+                    state.unreachable.discard(info.peer_id)
+                    state.kick.set()
+                    added = True
+                return
+            raise TimeoutError(f"no connection within {DHT_CONNECT_TIMEOUT} s")
+        except Exception as exc:
+            _forget_addrs(dht, info.peer_id)
+            if info.peer_id not in state.unreachable:
+                _log.warning(
+                    "dht: bootstrap peer unreachable; will retry",
+                    peer_id=str(info.peer_id),
+                    addrs=[str(a) for a in info.addrs],
+                    error=repr(exc),
+                )
+            state.unreachable.add(info.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for info in state.bootstrap:
+            if info.peer_id not in connected or info.peer_id not in in_table:
+                nursery.start_soon(one, info)
+    return added
+
+
+def _forget_old_keys(dht: NodeDHT, state: _DhtState, keys: list[bytes]) -> None:
+    """Stop tracking keys of past epochs (ours, and KadDHT's 22 h republisher's)."""
+    current = set(keys)
+    for old in [k for k in state.provided if k not in current]:
+        del state.provided[old]
+    if state.keys:
+        providing = dht.kad.provider_store.providing_keys
+        for old in set(state.keys) - current:
+            providing.discard(content_key(old))
+
+
+async def _dht_provide(dht: NodeDHT, state: _DhtState) -> None:
+    """Provide every key that is due (see :func:`run_dht_discovery`)."""
+    now = time.monotonic()
+    for key in state.keys:
+        last = state.provided.get(key)
+        if last is not None and now - last < DHT_REPROVIDE_INTERVAL:
+            continue
+        ok = False
+        try:
+            with trio.move_on_after(DHT_OPERATION_TIMEOUT):
+                ok = await dht.advertise(key)
+        except Exception as exc:
+            _log.warning("dht: provide failed", error=repr(exc))
+        if ok:
+            if last is None:
+                _log.info("dht: advertised rendezvous key", key=content_key(key).hex()[:16])
+            state.provided[key] = time.monotonic()
+        else:
+            _log.debug("dht: provide reached no peer yet", key=content_key(key).hex()[:16])
+
+
+async def _dht_search(
+    dht: NodeDHT, state: _DhtState, send_channel: trio.MemorySendChannel[Candidate]
+) -> bool:
+    """Look up providers of every key and send new/changed/stale candidates.
+
+    :return: ``False`` if the candidate receiver is gone (stop the loop).
+    """
+    found: dict[ID, list[Multiaddr]] = {}
+    for key in state.keys:
+        try:
+            with trio.move_on_after(DHT_OPERATION_TIMEOUT):
+                for peer, addrs in (
+                    await _lookup_providers(dht, key, DHT_MAX_PROVIDERS)
+                ).items():
+                    merged = found.setdefault(peer, [])
+                    merged.extend(a for a in addrs if a not in merged)
+        except Exception as exc:
+            _log.warning("dht: provider lookup failed", error=repr(exc))
+    now = time.monotonic()
+    for peer, addrs in found.items():
+        addrs = advertisable_addrs(addrs)
+        if peer == dht.node.peer_id or not addrs:
+            continue
+        signature = tuple(sorted(str(a) for a in addrs))
+        previous = state.emitted.get(peer)
+        if previous is not None and previous[0] == signature and now - previous[1] < DHT_REEMIT_INTERVAL:
+            continue
+        state.emitted[peer] = (signature, now)
+        candidate = Candidate(peer_id=peer, addrs=tuple(addrs), source="dht")
+        if previous is None:
+            _log.info("dht: found provider", peer_id=str(peer), addrs=list(signature))
+        try:
+            await send_channel.send(candidate)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            _log.warning("dht: candidate receiver closed; stopping dht discovery")
+            return False
+    return True
