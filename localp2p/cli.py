@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2")
     run.add_argument("--threads", type=_positive_int, default=env_threads(), help="threads for llama.cpp (env THREADS)")
     run.add_argument("--ready-timeout", type=float, default=120.0, help="seconds a request waits for a (re)starting backend before 503")
+    run.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="find workers over libp2p (env P2P=true)")
+    run.add_argument("--p2ptoken", default=None, help="network token (env P2P_TOKEN or TOKEN); generated when absent")
+    run.add_argument("--min-workers", type=_positive_int, default=int(_env("MIN_WORKERS", "0") or 0), help="wait for N workers before the first model load")
+    _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
 
     worker = commands.add_parser("worker", help="run a worker that lends this machine to a server")
@@ -75,7 +79,65 @@ def build_parser() -> argparse.ArgumentParser:
     static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
     static.set_defaults(func=cmd_worker_static)
+
+    p2p = kinds.add_parser("p2p-llama-cpp-rpc", help="a llama.cpp rpc-server lent to the network of TOKEN over libp2p")
+    p2p.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
+    p2p.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
+    p2p.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    _add_p2p_args(p2p)
+    p2p.set_defaults(func=cmd_worker_p2p)
+
+    token = commands.add_parser("token", help="network tokens")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    token_new = token_commands.add_parser("new", help="print a fresh network token")
+    token_new.set_defaults(func=cmd_token_new)
     return parser
+
+
+def _add_p2p_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("p2p")
+    group.add_argument(
+        "--p2p-bootstrap",
+        action="append",
+        default=[b for b in (_env("P2P_BOOTSTRAP") or "").split(",") if b.strip()],
+        metavar="MULTIADDR",
+        help="DHT bootstrap peer, e.g. /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo... (repeatable; env P2P_BOOTSTRAP, comma-separated)",
+    )
+    group.add_argument(
+        "--p2p-listen",
+        action="append",
+        default=None,
+        metavar="MULTIADDR",
+        help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/0; env P2P_LISTEN)",
+    )
+    group.add_argument("--p2p-no-mdns", action="store_true", default=_env("P2P_NO_MDNS") in ("1", "true"), help="no LAN discovery")
+    group.add_argument("--p2p-no-dht", action="store_true", default=_env("P2P_NO_DHT") in ("1", "true"), help="no DHT discovery")
+    group.add_argument("--state-dir", type=pathlib.Path, default=None, help="where the node identity is kept (env LOCALP2P_STATE_DIR)")
+    group.add_argument("--node-name", default=_env("NODE_NAME"), help="name shown to other nodes (default: host name)")
+
+
+def _p2p_settings(args: argparse.Namespace, token_text: str | None) -> Any:
+    from localp2p.p2p.network import DEFAULT_LISTEN, P2PSettings, default_state_dir  # noqa: PLC0415
+    from localp2p.token import NetworkToken, TokenError  # noqa: PLC0415
+
+    try:
+        token = NetworkToken.parse(token_text or "")
+    except TokenError as exc:
+        raise CLIError(f"network token: {exc}") from None
+    listen = args.p2p_listen or [a for a in (_env("P2P_LISTEN") or "").split(",") if a.strip()] or list(DEFAULT_LISTEN)
+    settings = P2PSettings(
+        token=token,
+        state_dir=args.state_dir or default_state_dir(),
+        listen=tuple(listen),
+        bootstrap=tuple(args.p2p_bootstrap),
+        mdns=not args.p2p_no_mdns,
+        dht=not args.p2p_no_dht,
+    )
+    if args.node_name:
+        settings.name = args.node_name
+    if not settings.mdns and not settings.dht:
+        raise CLIError("--p2p-no-mdns and --p2p-no-dht together leave no way to find peers")
+    return settings
 
 
 def _run_service(service: Callable[..., Awaitable[Any]], *args: Any) -> int:
@@ -126,8 +188,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         ready_wait=args.ready_timeout,
         models_path=args.models_path,
+        min_workers=args.min_workers,
     )
+    if args.p2p:
+        token_text = args.p2ptoken or _env("P2P_TOKEN") or _env("TOKEN")
+        if not token_text:
+            token_text = _announce_new_token()
+        settings.p2p = _p2p_settings(args, token_text)
+    elif args.min_workers:
+        raise CLIError("--min-workers needs --p2p")
     return _run_service(_forever, serve, settings)
+
+
+def _announce_new_token() -> str:
+    """Generate a network token and print it once, with the command that starts a worker."""
+    from localp2p.token import NetworkToken  # noqa: PLC0415
+
+    text = NetworkToken.generate().encode()
+    print(
+        "No network token given; generated one. Keep it secret, and pass it again with\n"
+        "--p2ptoken or P2P_TOKEN to keep this network:\n\n"
+        f"  {text}\n\n"
+        "Start workers with:\n\n"
+        f"  TOKEN={text} localp2p worker p2p-llama-cpp-rpc\n",
+        flush=True,
+    )
+    return text
+
+
+def cmd_worker_p2p(args: argparse.Namespace) -> int:
+    from localp2p.worker import run_p2p_worker  # noqa: PLC0415
+
+    token_text = args.token or _env("TOKEN") or _env("P2P_TOKEN")
+    if not token_text:
+        raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
+    settings = _p2p_settings(args, token_text)
+    return _run_service(_forever, run_p2p_worker, settings, args.threads, args.cache_dir)
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    from localp2p.token import NetworkToken  # noqa: PLC0415
+
+    print(NetworkToken.generate().encode())
+    return 0
 
 
 def cmd_worker_static(args: argparse.Namespace) -> int:

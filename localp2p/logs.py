@@ -50,6 +50,7 @@ def configure_logging(fmt: str | None = None, level: str | None = None, process:
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
 
 
+
 def _add_process(name: str) -> Any:
     def add(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
         event.setdefault("proc", name)
@@ -60,3 +61,15 @@ def _add_process(name: str) -> Any:
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name) if name else structlog.get_logger()
+
+
+def quiet_libp2p_logging() -> None:
+    """Call after importing libp2p (its import resets its logger).
+
+    py-libp2p warns about every peer that hangs up mid-DHT-query, which is normal
+    churn; keep its errors, routed through our handler.
+    """
+    logger = logging.getLogger("libp2p")
+    debug = os.environ.get(LOG_LEVEL_ENV, "info") == "debug"
+    logger.setLevel(logging.DEBUG if debug else logging.ERROR)
+    logger.propagate = True

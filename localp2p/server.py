@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from dataclasses import dataclass, field
 
@@ -15,7 +16,9 @@ from localp2p.errors import StartupError
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free
 from localp2p.rpc import parse_endpoint
-from localp2p.supervisor import REQUEST_READY_WAIT, BackendSupervisor
+from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.supervisor import REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
+from localp2p.workers import WorkerAttacher, WorkerSet
 
 log = get_logger("server")
 
@@ -31,6 +34,8 @@ class ServerSettings:
     threads: int = 0
     ready_wait: float = REQUEST_READY_WAIT
     models_path: pathlib.Path | None = None
+    p2p: P2PSettings | None = None
+    min_workers: int = 0
 
 
 def _hypercorn_config(address: str) -> HypercornConfig:
@@ -53,7 +58,8 @@ async def serve(settings: ServerSettings, *, task_status: trio.TaskStatus[list[s
     supervisor = BackendSupervisor(
         settings.models, rpc_servers=settings.rpc_servers, threads=settings.threads, ready_wait=settings.ready_wait
     )
-    app = create_app(supervisor)
+    workers = WorkerSet() if settings.p2p is not None else None
+    app = create_app(supervisor, {"workers": workers, "network": None})
     try:
         host, port = parse_endpoint(settings.address)
     except ValueError as exc:
@@ -67,6 +73,26 @@ async def serve(settings: ServerSettings, *, task_status: trio.TaskStatus[list[s
             models=list(settings.models),
             rpc_servers=list(settings.rpc_servers) or None,
         )
+        if settings.p2p is not None and workers is not None:
+            app.state.network = await _start_p2p(nursery, settings, supervisor, workers)
         await nursery.start(supervisor.run)
         log.info("ready", model=supervisor.status.model, load_s=supervisor.status.load_seconds)
         task_status.started(urls)
+
+
+async def _start_p2p(
+    nursery: trio.Nursery, settings: ServerSettings, supervisor: BackendSupervisor, workers: WorkerSet
+) -> Network:
+    """Join the network, attach workers as they are found, and keep the backend on them."""
+    assert settings.p2p is not None
+    network: Network = await nursery.start(
+        functools.partial(run_network, settings.p2p, role="server", hello={"name": settings.p2p.name}, advertise=False)
+    )
+    attacher = WorkerAttacher(network.node, network.gate, workers)
+    await nursery.start(attacher.run, network.candidates)
+    if settings.min_workers:
+        log.info("waiting for workers before loading the model", min_workers=settings.min_workers)
+        await workers.wait_for(settings.min_workers)
+    supervisor.request_reload((*settings.rpc_servers, *workers.endpoints()))
+    await nursery.start(follow_worker_set, supervisor, workers, settings.rpc_servers)
+    return network

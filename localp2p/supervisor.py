@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -39,6 +40,13 @@ RPC_SERVER_START_TIMEOUT = 30.0
 READY_POLL = 0.05
 #: Default bound on how long a request waits for the backend to become ready.
 REQUEST_READY_WAIT = 120.0
+#: Longest a reload waits for in-flight requests before restarting the backend anyway.
+DRAIN_TIMEOUT = 60.0
+#: Seconds of quiet after a worker-set change before reloading: workers arriving together
+#: cause one reload, not one each.
+RELOAD_DEBOUNCE = 1.5
+#: Longest a stream of changes can hold a reload back.
+RELOAD_DEBOUNCE_MAX = 5.0
 
 
 class ChildExited(Exception):
@@ -149,6 +157,16 @@ def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) 
         Embeddings=model.embeddings,
         ChatTemplate=model.chat_format,
     )
+
+
+class WorkerSource(Protocol):
+    """What the supervisor reads from the worker set (see localp2p.workers.WorkerSet)."""
+
+    version: int
+
+    async def wait_changed(self, seen_version: int) -> int: ...
+
+    def endpoints(self) -> tuple[str, ...]: ...
 
 
 class BackendSupervisor:
@@ -277,7 +295,10 @@ class BackendSupervisor:
         await self._reload.wait()
         log.info("reloading backend", rpc_servers=list(self.status.rpc_servers), in_flight=self._in_flight)
         self._set_ready(False, "draining")
-        await self._idle.wait()
+        with trio.move_on_after(DRAIN_TIMEOUT) as drain:
+            await self._idle.wait()
+        if drain.cancelled_caught:
+            log.warning("drain timed out; restarting with requests in flight", in_flight=self._in_flight)
         await stop_child(process)
 
     async def _wait_healthy(self, process: trio.Process, client: BackendClient) -> None:
@@ -371,3 +392,28 @@ class BackendSupervisor:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+async def follow_worker_set(
+    supervisor: BackendSupervisor,
+    workers: WorkerSource,
+    static_servers: Sequence[str] = (),
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Reload the backend whenever the set of live workers changes, debounced.
+
+    The backend gets ``static_servers`` (LLAMACPP_GRPC_SERVERS) followed by the live
+    workers' tunnel endpoints. Runs until cancelled.
+    """
+    seen = workers.version
+    task_status.started()
+    while True:
+        seen = await workers.wait_changed(seen)
+        deadline = trio.current_time() + RELOAD_DEBOUNCE_MAX
+        while trio.current_time() < deadline:
+            with trio.move_on_at(min(deadline, trio.current_time() + RELOAD_DEBOUNCE)) as quiet:
+                seen = await workers.wait_changed(seen)
+            if quiet.cancelled_caught:
+                break
+        supervisor.request_reload((*static_servers, *workers.endpoints()))

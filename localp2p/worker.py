@@ -1,12 +1,17 @@
-"""`localp2p worker llama-cpp-rpc`: one llama.cpp rpc-server, supervised."""
+"""Workers: a supervised llama.cpp rpc-server, reached directly (static) or through libp2p (p2p)."""
 
 from __future__ import annotations
+
+import functools
 
 import trio
 
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free, is_loopback
-from localp2p.errors import StartupError
+from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
+from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
+from localp2p.rpc import free_port
 from localp2p.supervisor import RpcServerSpec, supervise_rpc_server
 
 log = get_logger("worker")
@@ -30,3 +35,48 @@ async def run_static_worker(spec: RpcServerSpec, *, task_status: trio.TaskStatus
         )
         print(ready, flush=True)
         task_status.started(ready)
+
+
+async def run_p2p_worker(
+    p2p: P2PSettings,
+    threads: int = 0,
+    cache_dir: str | None = None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Lend this machine to the network's server until cancelled.
+
+    The rpc-server listens on 127.0.0.1 only, on a port chosen here; the only way in
+    is a tunnel stream from an authenticated server (one server at a time). Prints
+    one ready line on stdout.
+    """
+    spec = RpcServerSpec(host="127.0.0.1", port=free_port(), threads=threads, cache_dir=cache_dir)
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(supervise_rpc_server, spec)
+        hello = {
+            "name": p2p.name,
+            "rpc_protocol": info.version_text,
+            "memory_free": info.memory_free,
+            "memory_total": info.memory_total,
+        }
+        network: Network = await nursery.start(
+            functools.partial(run_network, p2p, role="worker", hello=hello, advertise=True)
+        )
+        admission = Admission()
+        admission.install(network.node)
+        network.node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(network.gate, spec.endpoint, admission))
+        network.node.set_handler(PING_PROTOCOL, ping_handler(network.gate, admission))
+        nursery.start_soon(_discard, network.candidates)
+        ready = (
+            f"localp2p worker ready: peer={network.node.peer_id} network={p2p.token.network_id} "
+            f"rpc-protocol={info.version_text} memory-free-mib={info.memory_free >> 20} "
+            f"addrs={','.join(str(a) for a in network.node.p2p_addrs())}"
+        )
+        print(ready, flush=True)
+        task_status.started(ready)
+
+
+async def _discard(candidates: trio.MemoryReceiveChannel[object]) -> None:
+    """A worker waits to be found; what it discovers only feeds its DHT routing table."""
+    async for _ in candidates:
+        pass

@@ -54,7 +54,14 @@ def descendants(pid: int) -> list[int]:
 class Proc:
     """A localp2p subprocess: stdout lines queued for matching, stderr kept in a file."""
 
-    def __init__(self, args: Sequence[str], log_dir: pathlib.Path, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_dir: pathlib.Path,
+        name: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr.log"
         self._stderr = self.stderr_path.open("wb")
@@ -62,7 +69,7 @@ class Proc:
         full_env.update(env or {})
         full_env.setdefault("LOCALP2P_LOG_FORMAT", "console")
         self.popen = subprocess.Popen(
-            [*LOCALP2P, *args],
+            [*prefix, *LOCALP2P, *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             stdin=subprocess.DEVNULL,
@@ -250,3 +257,74 @@ class CountingProxy:
 
     def close(self) -> None:
         self._listener.close()
+
+
+# --- p2p mode -------------------------------------------------------------------------
+
+
+def new_token() -> str:
+    out = subprocess.run([*LOCALP2P, "token", "new"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def p2p_worker(
+    log_dir: pathlib.Path, token: str, name: str, *flags: str, prefix: Sequence[str] = (), wait: bool = True
+) -> Proc:
+    """Start `localp2p worker p2p-llama-cpp-rpc` with its own state dir (so its own peer id)."""
+    state = log_dir / f"state-{name}"
+    proc = Proc(
+        ["worker", "p2p-llama-cpp-rpc", "--threads", "1", "--state-dir", str(state), "--node-name", name, *flags],
+        log_dir,
+        name,
+        {"TOKEN": token},
+        prefix=prefix,
+    )
+    if wait:
+        proc.wait_line("localp2p worker ready")
+    return proc
+
+
+def worker_peer_id(worker: Proc) -> str:
+    line = next(line for line in worker.stdout if line.startswith("localp2p worker ready"))
+    return line.split("peer=", 1)[1].split()[0]
+
+
+def p2p_server(
+    log_dir: pathlib.Path, token: str, *flags: str, name: str = "p2p-server", prefix: Sequence[str] = (), address: str = "127.0.0.1"
+) -> Server:
+    port = free_port()
+    proc = Proc(
+        ["run", "--p2p", "--address", f"{address}:{port}", "--threads", "2", "--state-dir", str(log_dir / f"state-{name}"), *flags],
+        log_dir,
+        name,
+        {"P2P_TOKEN": token, "LLAMACPP_GRPC_SERVERS": ""},
+        prefix=prefix,
+    )
+    server = Server(proc, f"http://{address}:{port}")
+    server.wait_ready()
+    return server
+
+
+def p2p_state(server: Server) -> dict[str, Any]:
+    return server.http.get("/api/p2p").json()  # type: ignore[no-any-return]
+
+
+def wait_for_workers(server: Server, peer_ids: Sequence[str], timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until exactly ``peer_ids`` are online, the backend runs on all of them, and it is ready."""
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            state = p2p_state(server)
+            online = sorted(w["peer_id"] for w in state["workers"] if w["online"])
+            layered = all(w["layers"] > 0 for w in state["workers"] if w["online"])
+            ready = server.http.get("/readyz", timeout=2).status_code == 200
+            if online == sorted(peer_ids) and layered and ready and len(state["backend_rpc_servers"]) == len(peer_ids):
+                return state
+        time.sleep(0.25)
+    raise TimeoutError(f"workers {peer_ids} not all in use; last /api/p2p: {state}\n{server.proc.stderr()[-2000:]}")
+
+
+def rpc_server_connections(worker: Proc) -> int:
+    """Connections the worker's llama.cpp rpc-server accepted (it logs each one)."""
+    return worker.stderr().count("Accepted client connection")

@@ -7,12 +7,12 @@ import uuid
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localp2p import __version__
-from localp2p.api.errors import error_body, install_error_handlers
+from localp2p.api.errors import error_body, error_response, install_error_handlers
 from localp2p.api.v1 import router as v1_router
 from localp2p.supervisor import BackendSupervisor
 
@@ -125,6 +125,27 @@ def create_app(supervisor: BackendSupervisor, extra_state: dict[str, Any] | None
             "devices": status.devices,
             "layers": {"total": status.layers_total, "local": status.layers_local},
         }
+
+    @app.get("/api/p2p")
+    async def api_p2p() -> JSONResponse:
+        network = getattr(app.state, "network", None)
+        workers = getattr(app.state, "workers", None)
+        if workers is None:
+            return error_response(404, "p2p mode is off (start the server with --p2p)", "invalid_request_error")
+        layers = {d["endpoint"]: d["layers"] for d in supervisor.status.devices if d.get("used")}
+        listed = []
+        for worker in workers.all():
+            entry = worker.as_dict()
+            entry["layers"] = layers.get(worker.endpoint, 0) if worker.endpoint else 0
+            listed.append(entry)
+        return JSONResponse(
+            {
+                "node": network.describe() if network is not None else None,
+                "network_id": network.settings.token.network_id if network is not None else None,
+                "workers": listed,
+                "backend_rpc_servers": list(supervisor.status.rpc_servers),
+            }
+        )
 
     app.add_middleware(RequestContext)
     return app

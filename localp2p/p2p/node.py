@@ -231,6 +231,44 @@ def load_or_create_identity(path: Path) -> KeyPair:
 # --------------------------------------------------------------------------
 
 
+class ReaderNeverBlocksYamux(Yamux):
+    """py-libp2p's Yamux with the reader-task deadlock removed (see notes/libp2p.md).
+
+    The connection's reader task writes a few frames itself (PING replies, ACK/RST
+    of new streams) and waits for the connection's write lock to do so. With both
+    directions saturated, both ends' writers hold the lock in a blocked TCP send,
+    both readers wait for it, nobody reads TCP: the connection hangs for good. Here
+    the reader never waits: its writes go to a task of the muxer's nursery (the
+    lock is FIFO, so frames keep their order).
+    """
+
+    _reader_task: trio.lowlevel.Task | None = None
+
+    async def handle_incoming(self) -> None:
+        self._reader_task = trio.lowlevel.current_task()
+        await super().handle_incoming()
+
+    async def _write_frame(self, data: bytes) -> None:
+        if self._reader_task is trio.lowlevel.current_task() and self._nursery is not None:
+            self._nursery.start_soon(self._write_frame_detached, data)
+            return
+        await super()._write_frame(data)
+
+    async def _write_frame_detached(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await Yamux._write_frame(self, data)
+
+
+def _install_yamux_fix() -> None:
+    """MuxerMultistream builds the module-level ``Yamux`` whatever muxer_opt says."""
+    from libp2p.stream_muxer import muxer_multistream  # noqa: PLC0415
+
+    muxer_multistream.Yamux = ReaderNeverBlocksYamux  # type: ignore[misc]
+
+
+_install_yamux_fix()
+
+
 def strip_p2p(addr: Multiaddr) -> Multiaddr:
     """Return ``addr`` without a trailing ``/p2p/<peer id>`` component."""
     try:
@@ -619,7 +657,7 @@ async def open_node(
     host = new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): ReaderNeverBlocksYamux},
         transports=[TCP()],
         listen_addrs=addrs,
         negotiate_timeout=negotiate_timeout,

@@ -1,0 +1,250 @@
+"""The worker set: who is live, their tunnel ports and facts — the single source of truth.
+
+Server side of p2p mode. :class:`WorkerSet` holds one :class:`Worker` per peer that
+proved the token and said it is a worker; :class:`WorkerAttacher` turns discovery
+candidates into attached workers (connect, authenticate, claim by ping, open a
+tunnel listener) and detaches them when their pings stop. Everything else — the
+supervisor's reloads, ``/api/p2p``, metrics — only reads the set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+from localp2p.logs import get_logger
+from localp2p.p2p.auth import AuthError, AuthGate
+from localp2p.p2p.discovery import Candidate
+from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, PING_TIMEOUT, Pinger, PingFailed
+from localp2p.p2p.node import P2PNode
+from localp2p.p2p.tunnel import REFUSED_BUSY, TunnelStats, serve_tunnel
+
+log = get_logger("workers")
+
+#: Seconds to connect and authenticate a candidate before giving up on this attempt.
+ATTACH_TIMEOUT = 10.0
+#: Seconds before a peer that failed to attach (or went away) is tried again.
+RETRY_INTERVAL = 5.0
+#: Seconds between pings to a worker that is busy with another server.
+BUSY_RECHECK = 5.0
+
+ONLINE, BUSY, OFFLINE, CONNECTING = "online", "busy", "offline", "connecting"
+
+
+@dataclass
+class Worker:
+    """What the server knows about one worker."""
+
+    peer_id: str
+    name: str = ""
+    addrs: list[str] = field(default_factory=list)
+    source: str = ""
+    state: str = CONNECTING
+    last_seen: float | None = None  # wall clock, for people
+    tunnel_port: int | None = None
+    memory_free: int = 0
+    memory_total: int = 0
+    rpc_protocol: str = ""
+    rtt_ms: float | None = None
+    stats: TunnelStats = field(default_factory=TunnelStats)
+
+    @property
+    def endpoint(self) -> str | None:
+        return f"127.0.0.1:{self.tunnel_port}" if self.state == ONLINE and self.tunnel_port else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "name": self.name,
+            "addrs": list(self.addrs),
+            "source": self.source,
+            "state": self.state,
+            "online": self.state == ONLINE,
+            "last_seen": self.last_seen,
+            "tunnel_port": self.tunnel_port if self.state == ONLINE else None,
+            "memory_free": self.memory_free,
+            "memory_total": self.memory_total,
+            "rpc_protocol": self.rpc_protocol,
+            "rtt_ms": self.rtt_ms,
+            "bytes_sent": self.stats.bytes_sent,
+            "bytes_received": self.stats.bytes_received,
+            "connections_open": self.stats.connections_open,
+        }
+
+
+class WorkerSet:
+    """The live workers and a change signal. Owned by the server; read by everyone else."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, Worker] = {}
+        self._changed = trio.Event()
+        self.version = 0
+
+    def get(self, peer_id: str) -> Worker | None:
+        return self._workers.get(peer_id)
+
+    def upsert(self, worker: Worker) -> Worker:
+        existing = self._workers.setdefault(worker.peer_id, worker)
+        return existing
+
+    def all(self) -> list[Worker]:
+        return sorted(self._workers.values(), key=lambda w: w.peer_id)
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.all() if w.state == ONLINE]
+
+    def endpoints(self) -> tuple[str, ...]:
+        """``LLAMACPP_GRPC_SERVERS`` for the backend: the live workers' tunnel ends, stable order."""
+        return tuple(w.endpoint for w in self.live() if w.endpoint)
+
+    def set_state(self, worker: Worker, state: str) -> None:
+        if worker.state != state:
+            log.info("worker " + state, peer_id=worker.peer_id, name=worker.name, tunnel_port=worker.tunnel_port)
+            worker.state = state
+            self.notify()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self, seen_version: int) -> int:
+        """Return the version once it differs from ``seen_version``."""
+        while self.version == seen_version:
+            await self._changed.wait()
+        return self.version
+
+    async def wait_for(self, count: int) -> None:
+        """Return once at least ``count`` workers are online."""
+        while len(self.live()) < count:
+            await self.wait_changed(self.version)
+
+
+class WorkerAttacher:
+    """Turns candidates into attached workers and keeps each one's tunnel and pings running.
+
+    One task per peer (in the attacher's nursery) owns that peer's connection
+    attempts, tunnel listener and liveness; the set only stores the results.
+    """
+
+    def __init__(self, node: P2PNode, gate: AuthGate, workers: WorkerSet) -> None:
+        self.node = node
+        self.gate = gate
+        self.workers = workers
+        self._attending: set[str] = set()
+        self._known_addrs: dict[str, list[Multiaddr]] = {}
+        self._non_workers: set[str] = set()
+
+    async def run(
+        self,
+        candidates: trio.MemoryReceiveChannel[Candidate],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume discovery candidates until cancelled; one attend task per peer."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for candidate in candidates:
+                key = str(candidate.peer_id)
+                if candidate.gone or key == str(self.node.peer_id):
+                    continue
+                if candidate.role is not None and candidate.role != "worker":
+                    continue
+                if candidate.addrs:
+                    self._known_addrs[key] = list(candidate.addrs)
+                if key in self._attending or key in self._non_workers:
+                    continue
+                self._attending.add(key)
+                nursery.start_soon(self._attend, candidate.peer_id, candidate.source, candidate.name)
+
+    async def _attend(self, peer_id: ID, source: str, name: str | None) -> None:
+        """Own one peer for as long as the server runs: attach, watch, re-attach."""
+        key = str(peer_id)
+        try:
+            while True:
+                worker = await self._attach(peer_id, source, name)
+                if worker is None:
+                    if key in self._non_workers:
+                        return
+                    await trio.sleep(RETRY_INTERVAL)
+                    continue
+                await self._serve(peer_id, worker)
+                await trio.sleep(RETRY_INTERVAL)
+        finally:
+            self._attending.discard(key)
+
+    async def _attach(self, peer_id: ID, source: str, name: str | None) -> Worker | None:
+        key = str(peer_id)
+        addrs = self._known_addrs.get(key, [])
+        try:
+            with trio.fail_after(ATTACH_TIMEOUT):
+                await self.node.connect(PeerInfo(peer_id, addrs))
+                hello = await self.gate.authenticate(self.node, peer_id)
+        except AuthError as exc:
+            log.warning("peer refused: token proof failed", peer_id=key, reason=str(exc))
+            return None
+        except Exception as exc:  # unreachable, timed out, connection reset ...
+            log.debug("cannot reach peer", peer_id=key, error=f"{type(exc).__name__}: {exc}")
+            worker = self.workers.get(key)
+            if worker is not None:
+                self.workers.set_state(worker, OFFLINE)
+            return None
+        if hello.role != "worker":
+            self._non_workers.add(key)
+            return None
+        worker = self.workers.upsert(Worker(peer_id=key))
+        worker.name = hello.name or name or key[-8:]
+        worker.addrs = [str(a) for a in addrs]
+        worker.source = worker.source or source
+        worker.memory_free = int(hello.extra.get("memory_free", 0) or 0)
+        worker.memory_total = int(hello.extra.get("memory_total", 0) or 0)
+        worker.rpc_protocol = str(hello.extra.get("rpc_protocol", ""))
+        worker.last_seen = time.time()
+        return worker
+
+    async def _serve(self, peer_id: ID, worker: Worker) -> None:
+        """Tunnel and ping one attached worker until it stops answering."""
+        pinger = Pinger(self.node, peer_id)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def on_refused(reason: str) -> None:
+                    if reason == REFUSED_BUSY:
+                        self.workers.set_state(worker, BUSY)
+
+                worker.tunnel_port = await nursery.start(
+                    lambda task_status: serve_tunnel(
+                        self.node, peer_id, worker.stats, on_refused=on_refused, task_status=task_status
+                    )
+                )
+                await self._watch(pinger, worker)
+                nursery.cancel_scope.cancel()  # closes the listener and every open relay
+        finally:
+            await pinger.aclose()
+            worker.tunnel_port = None
+            self.workers.set_state(worker, OFFLINE)
+
+    async def _watch(self, pinger: Pinger, worker: Worker) -> None:
+        """Ping until MAX_MISSED answers in a row are missing; keep the state current."""
+        missed = 0
+        while missed < MAX_MISSED:
+            try:
+                owned = await pinger.ping()
+            except PingFailed as exc:
+                missed += 1
+                log.debug("ping missed", peer_id=worker.peer_id, missed=missed, error=str(exc))
+                if "timed out" not in str(exc) and "TooSlow" not in str(exc):
+                    await trio.sleep(PING_TIMEOUT)  # failed fast (refused, reset): do not spin
+                continue  # a timeout already waited
+            missed = 0
+            worker.last_seen = time.time()
+            worker.rtt_ms = round((pinger.rtt or 0) * 1000, 2)
+            self.workers.set_state(worker, ONLINE if owned else BUSY)
+            await trio.sleep(PING_INTERVAL if owned else BUSY_RECHECK)
+        log.warning("worker stopped answering", peer_id=worker.peer_id, name=worker.name)

@@ -1,0 +1,179 @@
+"""Issue 3 acceptance with several hosts for real: a server and two workers in separate
+network namespaces on one bridge (10.231.k.0/24). Needs root; skips with the reason otherwise.
+
+The test process stays in the root namespace and reaches the server's HTTP API through a
+forwarder thread that connects from inside the server's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import pathlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cluster import Proc, Server, new_token, p2p_state, p2p_worker, wait_for_workers, worker_peer_id
+from netns import Topology, netns_unavailable_reason, topology
+
+pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"network namespaces: {netns_unavailable_reason()}")
+
+_CLONE_NEWNET = 0x40000000
+CHAT = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}], "temperature": 0, "max_tokens": 48}
+
+
+class NamespaceForward:
+    """127.0.0.1:<port> in the root namespace → ``target`` as seen from inside ``ns``.
+
+    setns(2) moves only the calling thread, so one thread enters the namespace and
+    makes every upstream connection from there; the listener stays in ours.
+    """
+
+    def __init__(self, ns: str, target: tuple[str, int]) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.ns, self.target = ns, target
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/var/run/netns/{self.ns}") as handle:
+            if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _netns_prefix(topo: Topology, i: int) -> list[str]:
+    return ["ip", "netns", "exec", topo.hosts[i].ns]
+
+
+@contextlib.contextmanager
+def _server(topo: Topology, log_dir: pathlib.Path, token: str, *flags: str) -> Iterator[Server]:
+    from cluster import free_port
+
+    port = free_port()
+    host = topo.hosts[0].ip
+    proc = Proc(
+        ["run", "--p2p", "--address", f"{host}:{port}", "--threads", "2", "--state-dir", str(log_dir / "state-server"), *flags],
+        log_dir,
+        "ns-server",
+        {"P2P_TOKEN": token, "LLAMACPP_GRPC_SERVERS": ""},
+        prefix=_netns_prefix(topo, 0),
+    )
+    forward = NamespaceForward(topo.hosts[0].ns, (host, port))
+    server = Server(proc, f"http://127.0.0.1:{forward.port}")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+        forward.close()
+
+
+def _worker(topo: Topology, i: int, log_dir: pathlib.Path, token: str, *flags: str) -> Proc:
+    return p2p_worker(log_dir, token, f"ns-w{i}", *flags, prefix=_netns_prefix(topo, i))
+
+
+def _answer(server: Server) -> str:
+    reply = server.http.post("/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["message"]["content"])
+
+
+def _wait_offline(server: Server, peer_id: str, limit: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < limit + 5:
+        workers = {w["peer_id"]: w for w in p2p_state(server)["workers"]}
+        if not workers[peer_id]["online"]:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"{peer_id} still online after {limit + 5}s")
+
+
+def _addresses(state: dict[str, object], peer_id: str) -> list[str]:
+    return next(w["addrs"] for w in state["workers"] if w["peer_id"] == peer_id)  # type: ignore[index,union-attr]
+
+
+def test_mdns_across_hosts(tmp_path: pathlib.Path, local_server: Server) -> None:
+    token = new_token()
+    with topology(3) as topo:
+        workers = [_worker(topo, i, tmp_path, token, "--p2p-no-dht") for i in (1, 2)]
+        with _server(topo, tmp_path, token, "--p2p-no-dht") as server:
+            ids = [worker_peer_id(w) for w in workers]
+            state = wait_for_workers(server, ids)
+            for i, peer in zip((1, 2), ids):
+                assert any(f"/ip4/{topo.hosts[i].ip}/" in a for a in _addresses(state, peer)), state
+            assert _answer(server) == _answer(local_server)
+
+
+def test_dht_across_hosts(tmp_path: pathlib.Path, local_server: Server) -> None:
+    token = new_token()
+    with topology(3) as topo:
+        with _server(topo, tmp_path, token, "--p2p-no-mdns") as server:
+            bootstrap = next(a for a in p2p_state(server)["node"]["addrs"] if f"/ip4/{topo.hosts[0].ip}/" in a)
+            workers = [_worker(topo, i, tmp_path, token, "--p2p-no-mdns", "--p2p-bootstrap", bootstrap) for i in (1, 2)]
+            state = wait_for_workers(server, [worker_peer_id(w) for w in workers])
+            assert {w["source"] for w in state["workers"]} == {"dht"}
+            assert _answer(server) == _answer(local_server)
+
+
+def test_worker_killed_and_link_cut(tmp_path: pathlib.Path, local_server: Server) -> None:
+    token = new_token()
+    expected = _answer(local_server)
+    with topology(3) as topo:
+        workers = {i: _worker(topo, i, tmp_path, token) for i in (1, 2)}
+        with _server(topo, tmp_path, token) as server:
+            ids = {i: worker_peer_id(w) for i, w in workers.items()}
+            wait_for_workers(server, list(ids.values()))
+            assert _answer(server) == expected
+
+            # 1. Kill worker 2: dropped within 10 s, the next request runs on worker 1.
+            workers[2].kill()
+            assert _wait_offline(server, ids[2], 10) < 10
+            wait_for_workers(server, [ids[1]])
+            assert _answer(server) == expected
+            workers[2] = _worker(topo, 2, tmp_path, token)
+            wait_for_workers(server, list(ids.values()))
+
+            # 2. Unplug worker 1's cable: dropped within 10 s; plugged back, taken in again.
+            topo.link_down(1)
+            assert _wait_offline(server, ids[1], 10) < 10
+            wait_for_workers(server, [ids[2]])
+            assert _answer(server) == expected
+            topo.link_up(1)
+            wait_for_workers(server, list(ids.values()), timeout=90)
+            assert _answer(server) == expected
+        for worker in workers.values():
+            worker.stop()
