@@ -232,6 +232,13 @@ def test_wrong_token_and_unauthenticated_peers_get_nothing(tmp_path: pathlib.Pat
                         results.setdefault("raw_reads", []).append(await stream.read(1))  # type: ignore[union-attr]
                     except Exception as exc:  # reset: what we expect
                         results.setdefault("raw_errors", []).append(type(exc).__name__)  # type: ignore[union-attr]
+            # A raw TCP client speaking ggml-RPC at the worker's libp2p port: no Noise, no entry.
+            host, port = worker_addr.split("/")[2], int(worker_addr.split("/")[4])
+            raw_tcp = await trio.open_tcp_stream(host, port)
+            with trio.move_on_after(3):
+                await raw_tcp.send_all(b"\x0e" + (24).to_bytes(8, "little") + bytes(24))
+                results["raw_tcp_reply"] = await raw_tcp.receive_some(4096)
+            await raw_tcp.aclose()
             await trio.sleep(6)  # the server's mDNS browser has seen the intruder by now
             nursery.cancel_scope.cancel()
 
@@ -239,6 +246,7 @@ def test_wrong_token_and_unauthenticated_peers_get_nothing(tmp_path: pathlib.Pat
         trio.run(attack)
         assert results.get("raw_reads", []) in ([], [b""], [b""] * 3), results
         assert rpc_server_connections(worker) == before
+        assert b"\x07\x00\x00" not in results.get("raw_tcp_reply", b"")  # never a HELLO answer
         listed = [w["peer_id"] for w in p2p_state(server)["workers"]]
         assert listed == [worker_id], listed
         assert "token proof failed" in server.proc.stderr() or "refused" in server.proc.stderr()
@@ -246,3 +254,21 @@ def test_wrong_token_and_unauthenticated_peers_get_nothing(tmp_path: pathlib.Pat
     finally:
         server.close()
         worker.stop()
+
+
+def test_token_is_generated_printed_and_checked(tmp_path: pathlib.Path) -> None:
+    from cluster import LOCALP2P, Proc, free_port
+
+    proc = Proc(["run", "--p2p", "--address", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "s")], tmp_path, "gen", {"P2P_TOKEN": "", "TOKEN": ""})
+    try:
+        token_line = proc.wait_line("lp2p1.", timeout=60).strip()
+        command = proc.wait_line("localp2p worker p2p-llama-cpp-rpc", timeout=10).strip()
+        assert command == f"TOKEN={token_line} localp2p worker p2p-llama-cpp-rpc"
+    finally:
+        proc.stop()
+    assert "lp2p1." not in proc.stderr()  # the token is printed once, on stdout, never logged
+    import subprocess
+
+    bad = subprocess.run([*LOCALP2P, "run", "--p2p", "--p2ptoken", "lp2p1.AAAA"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("localp2p: error: network token:") and len(bad.stderr.strip().splitlines()) == 1
