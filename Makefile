@@ -13,5 +13,11 @@ test:
 proto:
 	$(PY) -m localp2p._proto.generate
 
+bench:
+	$(PY) -m bench.run
+
+bench-quick:
+	$(PY) -m bench.run --quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
