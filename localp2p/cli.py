@@ -91,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     token_new = token_commands.add_parser("new", help="print a fresh network token")
     token_new.set_defaults(func=cmd_token_new)
+
+    status = commands.add_parser("status", help="ask a running server what it is doing")
+    status.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="the server's HOST:PORT or URL (env ADDRESS)")
+    status.add_argument("--api-key", default=_env("API_KEY"), help="sent as a Bearer token (env API_KEY)")
+    status.add_argument("--json", action="store_true", help="print /api/status and /api/p2p as one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    doctor = commands.add_parser("doctor", help="check this machine's setup: llama.cpp, models, ports, token, workers")
+    doctor.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="check these models (env MODELS_PATH); default: the embedded model")
+    doctor.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP address whose port should be free (env ADDRESS)")
+    doctor.add_argument("--p2ptoken", default=None, help="check this network token (env P2P_TOKEN or TOKEN)")
+    doctor.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="check mDNS even without a token")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -231,6 +244,28 @@ def cmd_token_new(args: argparse.Namespace) -> int:
 
     print(NetworkToken.generate().encode())
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from localp2p.status import StatusError, show  # noqa: PLC0415
+
+    try:
+        return show(args.address, args.api_key, args.json)
+    except StatusError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from localp2p.doctor import DoctorSettings, report  # noqa: PLC0415
+
+    settings = DoctorSettings(
+        models_path=args.models_path,
+        address=args.address,
+        token=args.p2ptoken or _env("P2P_TOKEN") or _env("TOKEN"),
+        p2p=args.p2p,
+        rpc_servers_text=_env(RPC_SERVERS_ENV),
+    )
+    return report(settings)
 
 
 def cmd_worker_static(args: argparse.Namespace) -> int:

@@ -1,0 +1,260 @@
+"""`localp2p doctor`: check this machine's setup before (or beside) a real run.
+
+Each check is a small function returning one :class:`Check` (or a list, one per
+model or worker): ``OK`` when the thing works, ``WARN`` when it may be fine but
+deserves a look, ``FAIL`` when ``localp2p run`` or a worker would fail or degrade
+because of it. Checks never raise: whatever goes wrong inside one becomes its
+``FAIL`` line, so one broken piece never hides the report on the others.
+The checks reuse the code the server runs (config loading, the RPC probe, token
+parsing, the port check), so "doctor says OK" means "the server would agree".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from localp2p import rpc
+from localp2p.config import ConfigError, ModelConfig, load_models, parse_rpc_servers
+from localp2p.errors import StartupError
+from localp2p.netutil import check_port_free
+
+Level = Literal["OK", "WARN", "FAIL"]
+OK: Level = "OK"
+WARN: Level = "WARN"
+FAIL: Level = "FAIL"
+
+#: The mDNS multicast group (RFC 6762) that LAN discovery joins.
+MDNS_GROUP = "224.0.0.251"
+#: Seconds a static worker gets to answer the probe: a doctor run should stay quick,
+#: and a healthy rpc-server answers HELLO in milliseconds.
+WORKER_PROBE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    level: Level
+    text: str
+
+    def line(self) -> str:
+        return f"[{self.level}] {self.text}"
+
+
+@dataclass
+class DoctorSettings:
+    """What to check; filled from the command line and the environment by the CLI."""
+
+    models_path: pathlib.Path | None = None
+    address: str = "127.0.0.1:8080"
+    token: str | None = None
+    p2p: bool = False
+    rpc_servers_text: str | None = None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable; keeps type checkers content
+
+
+def check_llama_rpc() -> Check:
+    """llama-cpp-python is importable and was built with GGML_RPC."""
+    try:
+        import llama_cpp  # noqa: PLC0415 - heavy import, only here
+    except ImportError as exc:
+        return Check(FAIL, f"llama-cpp-python is not installed ({exc}); run `make install`")
+    try:
+        supported = bool(llama_cpp.llama_supports_rpc())
+    except Exception as exc:  # noqa: BLE001 - a broken build is a finding, not a crash
+        return Check(FAIL, f"llama-cpp-python {llama_cpp.__version__}: llama_supports_rpc() failed: {exc}")
+    if not supported:
+        return Check(FAIL, f"llama-cpp-python {llama_cpp.__version__} was built without GGML_RPC; rerun `make install`")
+    return Check(OK, f"llama-cpp-python {llama_cpp.__version__} built with RPC")
+
+
+def check_rpc_protocol() -> Check:
+    """The ggml-rpc library loads, and which protocol version this build speaks."""
+    try:
+        version = rpc.protocol_version()
+    except rpc.RPCError as exc:
+        return Check(FAIL, f"RPC library: {exc}")
+    except Exception as exc:  # noqa: BLE001 - e.g. llama_cpp missing: reported by check_llama_rpc too
+        return Check(FAIL, f"RPC library could not be loaded: {exc}")
+    return Check(OK, f"RPC protocol {version}")
+
+
+def gguf_summary(path: pathlib.Path) -> str:
+    """Parse a GGUF file's header and tensor table; return a short description.
+
+    Raises ValueError (or OSError) when the file is not a well-formed GGUF file.
+    """
+    from gguf import GGUFReader  # noqa: PLC0415 - numpy import, only here
+
+    reader = GGUFReader(path)
+    parts = [f"{len(reader.tensors)} tensors"]
+    field = reader.fields.get("general.architecture")
+    if field is not None and field.data:
+        parts.insert(0, bytes(field.parts[field.data[0]]).decode("utf-8", "replace"))
+    parts.append(_size(path.stat().st_size))
+    return ", ".join(parts)
+
+
+def check_model_file(model: ModelConfig) -> Check:
+    """The model's file parses as GGUF (the magic alone was checked by load_models)."""
+    try:
+        summary = gguf_summary(model.model_file)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means llama.cpp would refuse it
+        return Check(FAIL, f"model {model.name}: {model.model_file} is not a valid GGUF file ({exc})")
+    return Check(OK, f"model {model.name}: {model.model_file} ({summary})")
+
+
+def check_models(models_path: pathlib.Path | None) -> list[Check]:
+    """The configured models load as the server would load them, and each file is GGUF.
+
+    Without ``models_path`` that is the embedded model; with it, every YAML and GGUF
+    file in the directory (a malformed YAML or a missing model file is one FAIL that
+    names the file, exactly as ``localp2p run`` would report it).
+    """
+    try:
+        models = load_models(models_path)
+    except ConfigError as exc:
+        where = f"models path {models_path}" if models_path is not None else "embedded model"
+        return [Check(FAIL, f"{where}: {exc}")]
+    checks = []
+    if models_path is not None:
+        yamls = sum(1 for m in models.values() if m.source.endswith((".yaml", ".yml")))
+        checks.append(Check(OK, f"models path {models_path}: {len(models)} model(s), {yamls} YAML definition(s), all valid"))
+    checks += [check_model_file(model) for model in models.values()]
+    return checks
+
+
+def check_http_port(address: str) -> Check:
+    """The HTTP address parses and its port can be bound (WARN if taken: maybe our server)."""
+    try:
+        host, port = rpc.parse_endpoint(address)
+    except ValueError as exc:
+        return Check(FAIL, f"--address: {exc}")
+    try:
+        check_port_free(host, port)
+    except StartupError as exc:
+        return Check(
+            WARN,
+            f"HTTP address {address}: {exc}; a localp2p server may already be running there "
+            f"(see `localp2p status --address {address}`)",
+        )
+    return Check(OK, f"HTTP address {address} is free")
+
+
+def check_token(text: str) -> Check:
+    """The network token parses (the message never echoes the token)."""
+    from localp2p.token import NetworkToken, TokenError  # noqa: PLC0415
+
+    try:
+        token = NetworkToken.parse(text)
+    except TokenError as exc:
+        return Check(FAIL, f"network token: {exc}")
+    return Check(OK, f"network token is well-formed (network {token.network_id})")
+
+
+def multicast_interfaces() -> list[tuple[str, str]]:
+    """``(interface, IPv4 address)`` of each non-loopback interface that can join mDNS's group.
+
+    Joining is tried for real (IP_ADD_MEMBERSHIP on a throw-away UDP socket), which is
+    what zeroconf does when it starts; nothing is sent.
+    """
+    import ifaddr  # noqa: PLC0415 - a zeroconf dependency
+
+    usable = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if not isinstance(ip.ip, str) or ipaddress.ip_address(ip.ip).is_loopback:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                try:
+                    mreq = socket.inet_aton(MDNS_GROUP) + socket.inet_aton(ip.ip)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                except OSError:
+                    continue
+            usable.append((adapter.nice_name, ip.ip))
+    return usable
+
+
+def check_mdns() -> Check:
+    """Some non-loopback interface can do multicast, so LAN discovery can work."""
+    try:
+        usable = multicast_interfaces()
+    except Exception as exc:  # noqa: BLE001 - interface enumeration is platform-dependent
+        return Check(WARN, f"mDNS: could not list network interfaces ({exc})")
+    if not usable:
+        return Check(
+            WARN,
+            "mDNS: no non-loopback interface can join multicast; workers on the LAN will not be found "
+            "by mDNS (the DHT still works with --p2p-bootstrap)",
+        )
+    listed = ", ".join(f"{name} ({ip})" for name, ip in usable)
+    return Check(OK, f"mDNS: multicast usable on {listed}")
+
+
+def check_worker(endpoint: str, timeout: float = WORKER_PROBE_TIMEOUT) -> Check:
+    """One static rpc-server answers HELLO with a protocol version this build accepts."""
+    try:
+        info = rpc.probe(endpoint, timeout=timeout)
+    except rpc.RPCError as exc:
+        hint = ""
+        if "timed out" in str(exc):
+            hint = " (an rpc-server serves one client at a time: is a server already using it?)"
+        text = str(exc) if str(exc).startswith(endpoint) else f"{endpoint}: {exc}"
+        return Check(FAIL, f"worker {text}{hint}")
+    return Check(
+        OK,
+        f"worker {endpoint}: protocol {info.version_text}, {len(info.devices)} device(s), "
+        f"{_size(info.memory_free)} free of {_size(info.memory_total)}",
+    )
+
+
+def check_workers(rpc_servers_text: str | None, models: Iterable[ModelConfig] = ()) -> list[Check]:
+    """Every static worker, from LLAMACPP_GRPC_SERVERS and the models' own ``rpc_servers``."""
+    try:
+        endpoints: list[str] = list(parse_rpc_servers(rpc_servers_text))
+    except ConfigError as exc:
+        return [Check(FAIL, str(exc))]
+    for model in models:
+        endpoints += [e for e in model.rpc_servers if e not in endpoints]
+    return [check_worker(endpoint) for endpoint in endpoints]
+
+
+def _models_or_none(models_path: pathlib.Path | None) -> Sequence[ModelConfig]:
+    try:
+        return list(load_models(models_path).values())
+    except ConfigError:
+        return ()  # already reported by check_models
+
+
+def run_checks(settings: DoctorSettings) -> list[Check]:
+    """All checks for ``settings``, in report order."""
+    checks = [check_llama_rpc(), check_rpc_protocol()]
+    checks += check_models(settings.models_path)
+    checks.append(check_http_port(settings.address))
+    if settings.token:
+        checks.append(check_token(settings.token))
+    if settings.token or settings.p2p:
+        checks.append(check_mdns())
+    checks += check_workers(settings.rpc_servers_text, _models_or_none(settings.models_path))
+    return checks
+
+
+def report(settings: DoctorSettings) -> int:
+    """Print one line per check; return 1 if any check failed, else 0."""
+    failed = False
+    for check in run_checks(settings):
+        print(check.line(), flush=True)
+        failed |= check.level == FAIL
+    return 1 if failed else 0
