@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localp2p import __version__
 from localp2p.api.errors import error_body, error_response, install_error_handlers
+from localp2p.api.page import router as page_router
 from localp2p.api.v1 import router as v1_router
 from localp2p.supervisor import BackendSupervisor
 
@@ -94,6 +95,7 @@ def create_app(supervisor: BackendSupervisor, extra_state: dict[str, Any] | None
         setattr(app.state, key, value)
     install_error_handlers(app)
     app.include_router(v1_router)
+    app.include_router(page_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
