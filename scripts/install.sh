@@ -17,7 +17,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 CACHE=${LOCALP2P_WHEEL_CACHE:-$HOME/.cache/localp2p/wheels}
 CMAKE_EXTRA=${LOCALP2P_CMAKE_ARGS:-}
-EXTRAS=${LOCALP2P_EXTRAS:-dev}
+EXTRAS=${LOCALP2P_EXTRAS-dev}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 say() { printf '==> %s\n' "$*"; }
@@ -74,6 +74,18 @@ if [ -n "$EXTRAS" ]; then
     "${PIP[@]}" install -q -e "$ROOT[$EXTRAS]"
 else
     "${PIP[@]}" install -q -e "$ROOT"
+fi
+
+# The nodes page is tested in Debian's chromium (driven by Playwright, which cannot
+# download a browser here). Installed with the dev extras, when we may use apt.
+if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing chromium (Debian package) for the web page test"
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+            || say "warning: chromium could not be installed; the web page test will skip"
+    else
+        say "note: /usr/bin/chromium is missing and apt is not usable here; the web page test will skip"
+    fi
 fi
 
 say "generating gRPC stubs from proto/backend.proto"
