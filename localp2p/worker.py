@@ -8,8 +8,10 @@ import trio
 
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free, is_loopback
+from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
 from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
 from localp2p.rpc import free_port
 from localp2p.supervisor import RpcServerSpec, supervise_rpc_server
@@ -59,13 +61,18 @@ async def run_p2p_worker(
             "memory_free": info.memory_free,
             "memory_total": info.memory_total,
         }
-        network: Network = await nursery.start(
-            functools.partial(run_network, p2p, role="worker", hello=hello, advertise=True)
-        )
         admission = Admission()
-        admission.install(network.node)
-        network.node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(network.gate, spec.endpoint, admission))
-        network.node.set_handler(PING_PROTOCOL, ping_handler(network.gate, admission))
+
+        def install_handlers(node: P2PNode, gate: AuthGate) -> None:
+            admission.install(node)
+            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, spec.endpoint, admission))
+            node.set_handler(PING_PROTOCOL, ping_handler(gate, admission))
+
+        network: Network = await nursery.start(
+            functools.partial(
+                run_network, p2p, role="worker", hello=hello, advertise=True, install_handlers=install_handlers
+            )
+        )
         nursery.start_soon(_discard, network.candidates)
         ready = (
             f"localp2p worker ready: peer={network.node.peer_id} network={p2p.token.network_id} "

@@ -125,7 +125,7 @@ def test_mdns_loopback_find_other_type_and_gone() -> None:
                         run_mdns, c, other_service, role="worker", name="node-c",
                         send_channel=send_c,
                     )  # fmt: skip
-                    # start the three concurrently (registration probes ~1.5 s)
+                    # start the three concurrently
                     scopes: dict[str, trio.CancelScope] = {}
 
                     async def start(key: str, fn: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,13 +100,16 @@ async def run_network(
     role: str,
     hello: dict[str, Any],
     advertise: bool,
+    install_handlers: Callable[[P2PNode, AuthGate], None] | None = None,
     task_status: trio.TaskStatus[Network] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run this node's libp2p host, token gate and discovery until cancelled.
 
     ``advertise`` (workers) provides the rendezvous keys in the DHT; the server
-    searches for them instead. mDNS both announces and browses. Raises StartupError
-    for an unusable state dir, bad listen or bootstrap addresses, or a port in use.
+    searches for them instead. mDNS both announces and browses. ``install_handlers``
+    registers the caller's protocols before discovery starts, so a peer that finds
+    us at once never meets a node without them. Raises StartupError for an unusable
+    state dir, bad listen or bootstrap addresses, or a port in use.
     """
     key_pair = load_identity(settings.state_dir, role)
     listen = _parse_multiaddrs(settings.listen, "--p2p-listen")
@@ -119,6 +123,8 @@ async def run_network(
             raise StartupError(f"cannot listen for p2p on {settings.listen}: {exc.strerror or exc}") from None
         gate = AuthGate(token, hello, role)  # type: ignore[arg-type]
         gate.install(node)
+        if install_handlers is not None:
+            install_handlers(node, gate)
         dht: NodeDHT | None = None
         if settings.dht:
             dht = await nursery.start(run_dht, node)
