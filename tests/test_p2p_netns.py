@@ -149,15 +149,23 @@ def test_dht_across_hosts(tmp_path: pathlib.Path, local_server: Server) -> None:
             assert _answer(server) == _answer(local_server)
 
 
-def test_worker_killed_and_link_cut(tmp_path: pathlib.Path, local_server: Server) -> None:
+def test_worker_joins_then_killed_and_link_cut(tmp_path: pathlib.Path, local_server: Server) -> None:
     token = new_token()
     expected = _answer(local_server)
     with topology(3) as topo:
-        workers = {i: _worker(topo, i, tmp_path, token) for i in (1, 2)}
+        workers = {1: _worker(topo, 1, tmp_path, token)}
         with _server(topo, tmp_path, token) as server:
-            ids = {i: worker_peer_id(w) for i, w in workers.items()}
-            wait_for_workers(server, list(ids.values()))
+            # 0. One worker, one request; then a second worker joins a running server.
+            ids = {1: worker_peer_id(workers[1])}
+            wait_for_workers(server, [ids[1]])
             assert _answer(server) == expected
+            pid = server.proc.pid
+            workers[2] = _worker(topo, 2, tmp_path, token)
+            ids[2] = worker_peer_id(workers[2])
+            state = wait_for_workers(server, list(ids.values()))
+            assert all(w["layers"] > 0 for w in state["workers"]), state
+            assert _answer(server) == expected
+            assert server.proc.popen.poll() is None and server.proc.pid == pid
 
             # 1. Kill worker 2: dropped within 10 s, the next request runs on worker 1.
             workers[2].kill()
