@@ -387,7 +387,7 @@ def chart(rows: list[Row], path: pathlib.Path, title: str) -> None:
         if r.limit:
             ax.plot([r.limit, r.limit], [i - 0.4, i + 0.4], color="black", linewidth=2)
     ax.set_xscale("log")
-    numbers = [float(x) for r in ratios for x in (r.number, r.limit) if x]
+    numbers = [float(x) for r in ratios for x in (r.number, r.limit) if x] or [1.0]  # a run with no ratio rows
     ax.set_xlim(min(numbers) / 2, max(numbers) * 4)
     ax.set_yticks(range(len(ratios)), labels, fontsize=8)
     ax.invert_yaxis()
