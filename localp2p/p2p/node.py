@@ -19,6 +19,11 @@ What this module adds on top of ``libp2p.new_host``:
   expanded to concrete interface addresses, and a hard error when a listen
   address could not be bound (py-libp2p only logs that).
 * A simple "peer disconnected" callback built on the swarm notifee API.
+* Hostile-peer limits py-libp2p lacks: at most :data:`MAX_INBOUND_STREAMS` open
+  inbound streams per connection (more are reset on arrival), identify/push
+  bounded to :data:`IDENTIFY_PUSH_MAX` bytes, and the log lines a remote peer can
+  trigger at will (too many streams, bad identify/push, py-libp2p's "Failed to
+  open stream") written at most once per peer per :data:`STREAM_REFUSAL_LOG_INTERVAL`.
 
 Everything is trio and structured: :func:`open_node` is an async context
 manager; :func:`serve_node` is the same thing shaped for ``nursery.start``.
@@ -33,6 +38,8 @@ import os
 import socket
 import stat
 import tempfile
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +106,8 @@ def get_logger(name: str) -> Any:
 _log: Any = get_logger(__name__)
 
 __all__ = [
+    "MAX_INBOUND_STREAMS",
+    "PeerLogLimiter",
     "StreamHandler",
     "P2PNode",
     "load_or_create_identity",
@@ -116,6 +125,26 @@ StreamHandler = Callable[[INetStream], Awaitable[None]]
 
 #: Seconds we allow a reset/close issued from our cleanup code to take.
 _CLEANUP_TIMEOUT = 2.0
+#: Inbound streams one connection may hold open at once; more are reset on
+#: arrival. Honest peers use a handful (ping, a few tunnels, <= 12 KAD queries,
+#: identify); each inbound stream may buffer a 256 KiB Yamux window and holds a
+#: handler task for up to the negotiation timeout, so this bounds what one
+#: connection can pin (128 x 256 KiB = 32 MiB) where py-libp2p has no cap.
+MAX_INBOUND_STREAMS = 128
+#: A peer whose streams are refused is logged at most this often (s), so a
+#: flood of stream opens cannot flood the log.
+STREAM_REFUSAL_LOG_INTERVAL = 60.0
+#: libp2p's identify/push protocol id (py-libp2p's handler is replaced, see
+#: :func:`_identify_push_handler`).
+IDENTIFY_PUSH_PROTOCOL = "/ipfs/id/push/1.0.0"
+#: Largest identify/push message we read (bytes): a real one is well under
+#: 4 KiB (keys, a few addresses and protocol ids); py-libp2p accepts 1 MiB.
+IDENTIFY_PUSH_MAX = 64 * 1024
+#: Seconds a peer gets to send its identify/push message (py-libp2p's value).
+IDENTIFY_PUSH_TIMEOUT = 10.0
+#: Peers remembered by :class:`PeerLogLimiter`; the oldest are forgotten so
+#: peer-id churn cannot grow memory without bound.
+PEER_LOG_TRACK_MAX = 1024
 
 
 # --------------------------------------------------------------------------
@@ -231,16 +260,94 @@ def load_or_create_identity(path: Path) -> KeyPair:
 # --------------------------------------------------------------------------
 
 
-class ReaderNeverBlocksYamux(Yamux):
-    """py-libp2p's Yamux with the reader-task deadlock removed (see notes/libp2p.md).
+class PeerLogLimiter:
+    """Decides whether an event about a peer is logged: at most once per ``interval``.
 
-    The connection's reader task writes a few frames itself (PING replies, ACK/RST
-    of new streams) and waits for the connection's write lock to do so. With both
-    directions saturated, both ends' writers hold the lock in a blocked TCP send,
-    both readers wait for it, nobody reads TCP: the connection hangs for good. Here
-    the reader never waits: its writes go to a task of the muxer's nursery (the
-    lock is FIFO, so frames keep their order).
+    Owns a bounded map of peer id -> last log time and per-peer counts
+    (:attr:`counts`); the least recently seen peers are dropped beyond ``track_max``.
     """
+
+    def __init__(self, interval: float, track_max: int = PEER_LOG_TRACK_MAX) -> None:
+        self.interval = interval
+        self.track_max = track_max
+        self.counts: OrderedDict[str, int] = OrderedDict()
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def should_log(self, peer: str) -> bool:
+        """Count one event for ``peer``; True if it is the first in ``interval``."""
+        self.counts[peer] = self.counts.get(peer, 0) + 1
+        self.counts.move_to_end(peer)
+        while len(self.counts) > self.track_max:
+            self.counts.popitem(last=False)
+        now = time.monotonic()
+        last = self._last.get(peer)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[peer] = now
+        self._last.move_to_end(peer)
+        while len(self._last) > self.track_max:
+            self._last.popitem(last=False)
+        return True
+
+
+#: Per-process: streams refused for exceeding MAX_INBOUND_STREAMS, by peer.
+stream_refusals = PeerLogLimiter(STREAM_REFUSAL_LOG_INTERVAL)
+#: Per-process: malformed identify/push messages, by peer.
+identify_push_refusals = PeerLogLimiter(STREAM_REFUSAL_LOG_INTERVAL)
+#: Per-process: our outbound streams a peer refused (py-libp2p's error log), by peer.
+outbound_stream_failures = PeerLogLimiter(STREAM_REFUSAL_LOG_INTERVAL)
+
+
+class ReaderNeverBlocksYamux(Yamux):
+    """py-libp2p's Yamux with the reader-task deadlock removed and inbound streams capped.
+
+    Deadlock (see notes/libp2p.md): the connection's reader task writes a few
+    frames itself (PING replies, ACK/RST of new streams) and waits for the
+    connection's write lock to do so. With both directions saturated, both ends'
+    writers hold the lock in a blocked TCP send, both readers wait for it, nobody
+    reads TCP: the connection hangs for good. Here the reader never waits: its
+    writes go to a task of the muxer's nursery (the lock is FIFO, so frames keep
+    their order).
+
+    Cap: py-libp2p limits only *outbound* streams (256); a peer may open inbound
+    streams without limit (each one a handler task waiting up to the negotiation
+    timeout, plus its buffered data). :meth:`accept_stream` resets any inbound
+    stream beyond :data:`MAX_INBOUND_STREAMS` open on this connection before a
+    handler sees it, and logs the peer once per :data:`STREAM_REFUSAL_LOG_INTERVAL`.
+    A stream we reset also drops what the peer had sent on it at once (nobody
+    will read it), instead of keeping it for py-libp2p's 90 s stale-stream sweep.
+    """
+
+    def open_inbound_streams(self) -> int:
+        """Inbound streams on this connection that are not closed yet."""
+        return sum(1 for s in list(self.streams.values()) if not s.is_initiator and not s.closed)
+
+    async def accept_stream(self) -> Any:
+        while True:
+            stream = await super().accept_stream()
+            if self.open_inbound_streams() <= MAX_INBOUND_STREAMS:
+                return stream
+            await self._refuse_stream(stream)
+
+    async def _refuse_stream(self, stream: Any) -> None:
+        peer = str(self.peer_id)
+        if stream_refusals.should_log(peer):
+            _log.warning(
+                "refused peer: too many open streams",
+                peer_id=peer,
+                limit=MAX_INBOUND_STREAMS,
+                refused=stream_refusals.counts.get(peer, 0),
+            )
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    async def _finalize_stream(self, stream: Any, *, fully_closed: bool) -> None:
+        if fully_closed and stream.reset_received:
+            buffer = self.stream_buffers.get(stream.stream_id)
+            if buffer:
+                buffer.clear()  # reset: unread data is never read; free it now
+        await super()._finalize_stream(stream, fully_closed=fully_closed)
 
     _reader_task: trio.lowlevel.Task | None = None
 
@@ -257,6 +364,38 @@ class ReaderNeverBlocksYamux(Yamux):
     async def _write_frame_detached(self, data: bytes) -> None:
         with contextlib.suppress(Exception):
             await Yamux._write_frame(self, data)
+
+
+class _OutboundFailureLogLimit(logging.Filter):
+    """Let py-libp2p's "Failed to open stream to peer X" error through once per peer per interval.
+
+    py-libp2p logs seven lines at ERROR for every stream a peer refuses or does
+    not support (our refused tunnels, DHT lookups that try every connected peer,
+    including ones that never spoke KAD), so any peer that merely connects can
+    grow our log without bound. The callers log their own reason.
+    """
+
+    _PREFIX = "Failed to open stream to peer "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        if not message.startswith(self._PREFIX):
+            return True
+        peer = message[len(self._PREFIX) :].split(":", 1)[0]
+        return outbound_stream_failures.should_log(peer)
+
+
+def _install_log_limits() -> None:
+    """Filters on py-libp2p loggers whose messages a remote peer can trigger at will."""
+    logger = logging.getLogger("libp2p.host.basic_host")
+    if not any(isinstance(f, _OutboundFailureLogLimit) for f in logger.filters):
+        logger.addFilter(_OutboundFailureLogLimit())
+
+
+_install_log_limits()
 
 
 def _install_yamux_fix() -> None:
@@ -497,16 +636,62 @@ class P2PNode:
         self.host.remove_stream_handler(TProtocol(protocol))
 
     def _harden_builtin_handlers(self) -> None:
-        """Wrap the handlers py-libp2p registers itself (identify, ping...)."""
+        """Wrap the handlers py-libp2p registers itself (identify, ping...).
+
+        identify/push is replaced (:func:`_identify_push_handler`): py-libp2p's
+        logs an error for every malformed push, which any peer can send.
+        """
         mux = self.host.get_mux()
         for protocol, handler in list(mux.handlers.items()):
             if protocol is None or handler is None:
                 continue
             if getattr(handler, "_localp2p_safe", False):
                 continue
+            if str(protocol) == IDENTIFY_PUSH_PROTOCOL:
+                handler = _identify_push_handler(self.host)
             mux.add_handler(
                 protocol, _safe_handler(str(protocol), handler, close_on_return=False)
             )
+
+
+def _identify_push_handler(host: IHost) -> StreamHandler:
+    """identify/push as py-libp2p does it, but bounded and quiet about bad peers.
+
+    Reads one varint-prefixed Identify message of at most
+    :data:`IDENTIFY_PUSH_MAX` bytes within :data:`IDENTIFY_PUSH_TIMEOUT` and
+    updates the peerstore with it. Anything else (oversized, not protobuf, slow,
+    reset) resets the stream and is logged once per peer per
+    :data:`STREAM_REFUSAL_LOG_INTERVAL`. Never raises except ``Cancelled``.
+    """
+    from libp2p.identity.identify.pb.identify_pb2 import Identify  # noqa: PLC0415
+    from libp2p.identity.update import update_peerstore_from_identify  # noqa: PLC0415
+    from libp2p.utils.varint import read_length_prefixed_protobuf  # noqa: PLC0415
+
+    async def identify_push(stream: INetStream) -> None:
+        peer_id = remote_peer_id(stream)
+        try:
+            with trio.fail_after(IDENTIFY_PUSH_TIMEOUT):
+                data = await read_length_prefixed_protobuf(stream, True, IDENTIFY_PUSH_MAX)
+            message = Identify()
+            message.ParseFromString(data)
+            await update_peerstore_from_identify(host.get_peerstore(), peer_id, message)
+        except Exception as exc:
+            if identify_push_refusals.should_log(str(peer_id)):
+                _log.warning(
+                    "refused peer: bad identify push",
+                    peer_id=str(peer_id),
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    refused=identify_push_refusals.counts.get(str(peer_id), 0),
+                )
+            await _quiet_reset(stream)
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
+            try:
+                await stream.close()
+            except Exception:
+                await _quiet_reset(stream)
+
+    return identify_push
 
 
 def _safe_handler(
