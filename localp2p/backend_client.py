@@ -8,6 +8,7 @@ status the API should answer with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,11 @@ GRPC_MAX_MESSAGE = 64 * 1024 * 1024
 LOAD_TIMEOUT = 1800.0
 #: Health/Status must answer quickly or the backend counts as not ready.
 PROBE_TIMEOUT = 2.0
+#: Threads for blocking gRPC calls: unbounded here, because admission control
+#: (``--max-queue``) bounds the calls. They must not share trio's default limiter (40):
+#: queued requests each block a thread until their turn, and would starve both the
+#: running generation's reader (a deadlock) and the rest of the app (discovery).
+CALL_THREADS = math.inf
 
 
 @dataclass
@@ -86,6 +92,7 @@ class BackendClient:
             ],
         )
         self._stub = pb_grpc.BackendStub(self._channel)
+        self._threads = trio.CapacityLimiter(CALL_THREADS)
 
     def close(self) -> None:
         self._channel.close()
@@ -93,7 +100,7 @@ class BackendClient:
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         future = method.future(request, timeout=timeout)
         try:
-            return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True, limiter=self._threads)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc) from None
         finally:
@@ -127,7 +134,9 @@ class BackendClient:
         try:
             while True:
                 try:
-                    reply = await trio.to_thread.run_sync(_next_reply, call, abandon_on_cancel=True)
+                    reply = await trio.to_thread.run_sync(
+                        _next_reply, call, abandon_on_cancel=True, limiter=self._threads
+                    )
                 except grpc.RpcError as exc:
                     raise map_rpc_error(exc) from None
                 if reply is None:

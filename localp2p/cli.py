@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds: {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if not 0 < value < 65536:
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="find workers over libp2p (env P2P=true)")
     run.add_argument("--p2ptoken", default=None, help="network token (env P2P_TOKEN or TOKEN); generated when absent")
     run.add_argument("--min-workers", type=_positive_int, default=int(_env("MIN_WORKERS", "0") or 0), help="wait for N workers before the first model load")
+    run.add_argument("--max-queue", type=_positive_int, default=_env("MAX_QUEUE"), help="requests waiting or running at once before new ones get 429 (env MAX_QUEUE; default 64; 0: no limit)")
+    run.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (Authorization: Bearer KEY) on /v1/* and /api/* (repeatable; env API_KEY, comma-separated)")
+    run.add_argument("--protect-metrics", action="store_true", default=_env("PROTECT_METRICS") in ("1", "true"), help="/metrics needs an API key too (env PROTECT_METRICS=true)")
+    run.add_argument("--shutdown-grace", type=_seconds, default=_env("SHUTDOWN_GRACE"), help="seconds in-flight requests get to finish after SIGTERM/SIGINT (env SHUTDOWN_GRACE; default 10)")
+    run.add_argument("--failover-timeout", type=_seconds, metavar="SECONDS", default=_env("FAILOVER_TIMEOUT"), help="seconds a generation whose backend died may take to continue on the workers left (or locally) before it fails (env FAILOVER_TIMEOUT; default 60; 0: off)")
     _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -153,20 +168,33 @@ def _p2p_settings(args: argparse.Namespace, token_text: str | None) -> Any:
     return settings
 
 
-def _run_service(service: Callable[..., Awaitable[Any]], *args: Any) -> int:
-    """Run ``service(*args)`` until it returns or SIGINT/SIGTERM arrives; map start-up errors."""
+def _run_service(service: Callable[..., Awaitable[Any]], *args: Any, graceful_limit: float | None = None) -> int:
+    """Run ``service(*args)`` until it returns or SIGINT/SIGTERM arrives; map start-up errors.
+
+    With ``graceful_limit`` the service is called with ``shutdown=<trio.Event>``: the
+    first signal sets it and the service winds down by itself (e.g. finishes in-flight
+    requests); a second signal, or ``graceful_limit`` seconds, cancel it. Without it,
+    the first signal cancels the service.
+    """
     log = get_logger("localp2p")
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                shutdown = trio.Event()
+                kwargs = {"shutdown": shutdown} if graceful_limit is not None else {}
 
                 async def run_then_stop() -> None:
-                    await service(*args)
+                    await service(*args, **kwargs)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run_then_stop)
                 async for signum in signals:
+                    if graceful_limit is not None and not shutdown.is_set():
+                        log.info("stopping gracefully", signal=signal.Signals(signum).name, limit_s=graceful_limit)
+                        shutdown.set()
+                        nursery.cancel_scope.deadline = trio.current_time() + graceful_limit
+                        continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
@@ -186,9 +214,9 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _forever(start: Callable[..., Awaitable[Any]], *args: Any) -> None:
+async def _forever(start: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(start, *args))
+        await nursery.start(functools.partial(start, *args, **kwargs))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -210,7 +238,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.p2p = _p2p_settings(args, token_text)
     elif args.min_workers:
         raise CLIError("--min-workers needs --p2p")
-    return _run_service(_forever, serve, settings)
+    if args.max_queue is not None:
+        settings.max_queue = args.max_queue
+    if args.shutdown_grace is not None:
+        settings.shutdown_grace = args.shutdown_grace
+    if args.failover_timeout is not None:
+        settings.failover_timeout = args.failover_timeout
+    settings.api_keys = tuple(k.strip() for k in (args.api_key or (_env("API_KEY") or "").split(",")) if k.strip())
+    if args.protect_metrics and not settings.api_keys:
+        raise CLIError("--protect-metrics needs an API key (--api-key or API_KEY)")
+    settings.protect_metrics = args.protect_metrics
+    return _run_service(_forever, serve, settings, graceful_limit=settings.shutdown_limit)
 
 
 def _announce_new_token() -> str:

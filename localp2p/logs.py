@@ -36,6 +36,7 @@ def configure_logging(fmt: str | None = None, level: str | None = None, process:
     ]
     if process:
         processors.append(_add_process(process))
+    foreign_pre_chain = [structlog.stdlib.add_logger_name, *processors]  # for standard-library records
     if fmt == "json":
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
@@ -46,8 +47,23 @@ def configure_logging(fmt: str | None = None, level: str | None = None, process:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries (py-libp2p, hypercorn, zeroconf) log through the standard library.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+    # Libraries (py-libp2p, hypercorn, zeroconf) log through the standard library; in JSON
+    # mode their lines are JSON too, so every stderr line of every process parses.
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(),
+                ],
+                foreign_pre_chain=foreign_pre_chain,
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
 
 
 

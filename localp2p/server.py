@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import pathlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -13,17 +14,21 @@ from hypercorn.trio import serve as hypercorn_serve
 from localp2p.api import create_app
 from localp2p.config import ModelConfig
 from localp2p.errors import StartupError
+from localp2p.failover import DEFAULT_FAILOVER_TIMEOUT
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free
 from localp2p.rpc import parse_endpoint
 from localp2p.p2p.network import Network, P2PSettings, run_network
-from localp2p.supervisor import REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
+from localp2p.supervisor import DEFAULT_MAX_QUEUE, REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
 from localp2p.workers import WorkerAttacher, WorkerSet
 
 log = get_logger("server")
 
-#: Seconds in-flight HTTP requests get to finish after SIGTERM/SIGINT.
+#: Seconds in-flight HTTP requests get to finish after SIGTERM/SIGINT (default of --shutdown-grace).
 SHUTDOWN_GRACE = 10.0
+#: After the grace: time to stop the backend (procutil.STOP_GRACE) and the p2p node, with a
+#: margin; a graceful stop that takes longer than grace + this is forced.
+SHUTDOWN_STOP_MARGIN = 20.0
 
 
 @dataclass
@@ -36,37 +41,70 @@ class ServerSettings:
     models_path: pathlib.Path | None = None
     p2p: P2PSettings | None = None
     min_workers: int = 0
+    max_queue: int = DEFAULT_MAX_QUEUE
+    shutdown_grace: float = SHUTDOWN_GRACE
+    api_keys: tuple[str, ...] = ()  # any set: /v1/* and /api/* need one (localp2p.api.auth)
+    protect_metrics: bool = False  # /metrics needs a key too
+    failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT  # seconds to continue a generation after a backend failure; 0: off
+
+    @property
+    def shutdown_limit(self) -> float:
+        """Longest a graceful stop may take before it is forced."""
+        return self.shutdown_grace + SHUTDOWN_STOP_MARGIN
 
 
-def _hypercorn_config(address: str) -> HypercornConfig:
+def _hypercorn_config(address: str, grace: float = SHUTDOWN_GRACE) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [address]
     config.accesslog = None
     config.errorlog = None
-    config.graceful_timeout = SHUTDOWN_GRACE
+    # _serve_http drains by itself and then cancels hypercorn; hypercorn's own drain
+    # deadline must not cut requests first.
+    config.graceful_timeout = grace + 1.0
     config.keep_alive_timeout = 30
     return config
 
 
-async def serve(settings: ServerSettings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the server until cancelled. ``task_status.started`` gets the bound URLs.
+async def serve(
+    settings: ServerSettings,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until cancelled, or until a graceful stop after ``shutdown`` is set.
 
-    The HTTP listener comes up first (``/healthz`` answers, ``/readyz`` says 503)
-    while the backend starts and loads the default model. A failure of that first
-    load raises StartupError; later backend failures are restarted by the supervisor.
+    ``task_status.started`` gets the bound URLs. The HTTP listener comes up first
+    (``/healthz`` answers, ``/readyz`` says 503) while the backend starts and loads the
+    default model. A failure of that first load raises StartupError; later backend
+    failures are restarted by the supervisor. Once ``shutdown`` is set the listener
+    closes, in-flight requests get up to ``settings.shutdown_grace`` seconds to finish, then the
+    backend and the p2p node are stopped and this returns. Cancellation stops at once.
     """
     supervisor = BackendSupervisor(
-        settings.models, rpc_servers=settings.rpc_servers, threads=settings.threads, ready_wait=settings.ready_wait
+        settings.models,
+        rpc_servers=settings.rpc_servers,
+        threads=settings.threads,
+        ready_wait=settings.ready_wait,
+        max_queue=settings.max_queue,
     )
     workers = WorkerSet() if settings.p2p is not None else None
-    app = create_app(supervisor, {"workers": workers, "network": None})
+    app = create_app(
+        supervisor,
+        {"workers": workers, "network": None, "failover_timeout": settings.failover_timeout},
+        api_keys=settings.api_keys,
+        protect_metrics=settings.protect_metrics,
+    )
     try:
         host, port = parse_endpoint(settings.address)
     except ValueError as exc:
         raise StartupError(f"--address: {exc}") from None
     check_port_free(host, port)
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(hypercorn_serve, app, _hypercorn_config(settings.address))
+        grace = settings.shutdown_grace
+        http = functools.partial(
+            _serve_http, app, _hypercorn_config(settings.address, grace), shutdown, grace, nursery.cancel_scope
+        )
+        urls = await nursery.start(http)
         log.info(
             "listening",
             urls=urls,
@@ -78,6 +116,67 @@ async def serve(settings: ServerSettings, *, task_status: trio.TaskStatus[list[s
         await nursery.start(supervisor.run)
         log.info("ready", model=supervisor.status.model, load_s=supervisor.status.load_seconds)
         task_status.started(urls)
+
+
+class RequestTracker:
+    """ASGI wrapper that counts HTTP requests being served, so a graceful stop knows when
+    the last one has handed its final bytes to the server (hypercorn alone waits for
+    keep-alive connections that outlive a response finished during its drain)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.active += 1
+        if self.active == 1:
+            self._idle = trio.Event()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+async def _serve_http(
+    app: Any,
+    config: HypercornConfig,
+    shutdown: trio.Event | None,
+    grace: float,
+    server_scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP until cancelled, or until ``shutdown``: then stop accepting, give in-flight
+    requests up to ``grace`` seconds, close every connection, and cancel
+    ``server_scope`` (the whole server: the backend and the p2p node outlive every
+    in-flight request, and no longer).
+    """
+    tracker = RequestTracker(app)
+    trigger = shutdown.wait if shutdown is not None else None
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(functools.partial(hypercorn_serve, tracker, config, shutdown_trigger=trigger))
+        task_status.started(urls)
+        if shutdown is None:
+            return
+        await shutdown.wait()
+        log.info("stopping: no new connections; finishing in-flight requests", in_flight=tracker.active, grace_s=grace)
+        with trio.move_on_after(grace) as drain:
+            await tracker.wait_idle()
+        if drain.cancelled_caught:
+            log.warning("shutdown grace is over; cutting requests still in flight", in_flight=tracker.active)
+        nursery.cancel_scope.cancel()
+    log.info("http server stopped; stopping the backend")
+    server_scope.cancel()
 
 
 async def _start_p2p(

@@ -42,15 +42,30 @@ READY_POLL = 0.05
 REQUEST_READY_WAIT = 120.0
 #: Longest a reload waits for in-flight requests before restarting the backend anyway.
 DRAIN_TIMEOUT = 60.0
+#: Default bound on requests admitted at once (waiting for the backend + running): llama.cpp
+#: serves one generation at a time, so beyond this a client is better told to retry (429).
+DEFAULT_MAX_QUEUE = 64
+#: Seconds a client refused for a full queue is asked to wait before retrying (Retry-After).
+QUEUE_FULL_RETRY_AFTER = 2
 #: Seconds of quiet after a worker-set change before reloading: workers arriving together
 #: cause one reload, not one each.
 RELOAD_DEBOUNCE = 1.5
 #: Longest a stream of changes can hold a reload back.
 RELOAD_DEBOUNCE_MAX = 5.0
+#: Seconds between Status polls of the backend while it loads a model (progress).
+LOAD_POLL = 0.5
+#: Seconds between two "loading model" progress lines in the log.
+LOAD_LOG_INTERVAL = 2.0
 
 
 class ChildExited(Exception):
     """A child process exited before it became ready."""
+
+
+class QueueFull(BackendError):
+    """Admission control refused a request: ``max_queue`` requests are already admitted."""
+
+    retry_after: int = QUEUE_FULL_RETRY_AFTER
 
 
 # --- worker side: llama.cpp rpc-server ----------------------------------------------------
@@ -128,6 +143,55 @@ async def supervise_rpc_server(
 
 
 @dataclass
+class LoadProgress:
+    """Progress of the current (or last) model load, from the backend's Status while it loads.
+
+    ``bytes_total`` is the model file's size, standing for its weight data (the
+    tensors llama.cpp loads, on the workers and locally), and ``bytes_sent`` the part
+    loaded so far: llama.cpp reports progress over all tensors, not per device, so
+    these count bytes loaded, of which the workers' share crosses the network.
+    ``from_cache`` stays None (unknown): llama.cpp's RPC client offers each big tensor
+    to an rpc-server with ``--cache-dir`` by hash first and does not report which ones
+    the cache had.
+    """
+
+    active: bool = False
+    fraction: float = 0.0
+    bytes_sent: int = 0
+    bytes_total: int = 0
+    started: float = 0.0  # time.monotonic()
+    seconds: float = 0.0
+    from_cache: bool | None = None
+    weights_since: float | None = None  # seconds after ``started`` when llama.cpp began loading weights
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second since the weights began to load (probing and parsing before that excluded)."""
+        elapsed = self.seconds - (self.weights_since or 0.0)
+        return self.bytes_sent / elapsed if elapsed > 0 and self.bytes_sent else None
+
+    @property
+    def eta(self) -> float | None:
+        if not self.active:
+            return 0.0 if self.fraction >= 1.0 else None
+        rate = self.rate
+        return max(0.0, (self.bytes_total - self.bytes_sent) / rate) if rate else None
+
+    def as_dict(self) -> dict[str, object]:
+        """``load_progress`` of ``/api/status`` (field names are read by the page and the CLI)."""
+        rate, eta = self.rate, self.eta
+        return {
+            "active": self.active,
+            "fraction": round(self.fraction, 4),
+            "bytes_sent": self.bytes_sent,
+            "bytes_total": self.bytes_total,
+            "rate_bytes_per_s": round(rate) if rate else None,
+            "eta_s": None if eta is None else round(eta, 1),
+            "from_cache": self.from_cache,
+        }
+
+
+@dataclass
 class BackendStatus:
     """What the supervisor knows, for /api/status, /readyz and `localp2p status`."""
 
@@ -141,6 +205,7 @@ class BackendStatus:
     layers_total: int = 0
     layers_local: int = 0
     load_seconds: float = 0.0
+    load_progress: LoadProgress = field(default_factory=LoadProgress)
 
 
 def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) -> pb.ModelOptions:
@@ -184,8 +249,11 @@ class BackendSupervisor:
         threads: int = 0,
         ready_wait: float = REQUEST_READY_WAIT,
         env: Mapping[str, str] | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.models = dict(models)
+        self.max_queue = max_queue
+        self._admitted = 0
         self.status = BackendStatus()
         self._rpc_servers = tuple(rpc_servers)
         self._target = next(iter(self.models))
@@ -311,12 +379,50 @@ class BackendSupervisor:
     async def _load(self, client: BackendClient, name: str) -> None:
         model = self.models[name]
         started = time.monotonic()
-        result = await client.load_model(model_options(model, self.status.rpc_servers, self._threads))
+        progress = self.status.load_progress = LoadProgress(active=True, started=started)
+        log.info("loading model", model=name, rpc_servers=list(self.status.rpc_servers) or None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_load, client, name, progress)
+            try:
+                result = await client.load_model(model_options(model, self.status.rpc_servers, self._threads))
+            finally:
+                nursery.cancel_scope.cancel()
+                progress.active = False
+                progress.seconds = time.monotonic() - started
         if not result.success:
             raise BackendError(500, result.message)
+        progress.fraction = 1.0
         self.status.model = name
         self.status.load_seconds = round(time.monotonic() - started, 3)
         await self.refresh_status(client)
+        self._log_progress(name, progress, "model loaded")
+
+    async def _follow_load(self, client: BackendClient, name: str, progress: LoadProgress) -> None:
+        """Poll the loading backend's Status into ``progress``; log a line every LOAD_LOG_INTERVAL s.
+
+        Runs until cancelled (when LoadModel returns). A Status call that fails is
+        skipped: the load itself reports the real error.
+        """
+        logged = time.monotonic()
+        while True:
+            await trio.sleep(LOAD_POLL)
+            await self.refresh_status(client)
+            progress.seconds = time.monotonic() - progress.started
+            if time.monotonic() - logged >= LOAD_LOG_INTERVAL:
+                logged = time.monotonic()
+                self._log_progress(name, progress, "loading model")
+
+    def _log_progress(self, name: str, progress: LoadProgress, event: str) -> None:
+        rate, eta = progress.rate, progress.eta
+        log.info(
+            event,
+            model=name,
+            percent=round(progress.fraction * 100, 1),
+            mib=f"{progress.bytes_sent / 2**20:.1f}/{progress.bytes_total / 2**20:.1f}",
+            mib_per_s=round(rate / 2**20, 1) if rate else None,
+            eta_s=round(eta, 1) if eta is not None else None,
+            seconds=round(progress.seconds, 2),
+        )
 
     async def refresh_status(self, client: BackendClient | None = None) -> BackendStatus:
         """Ask the backend for its devices and layers (best effort) and return the status."""
@@ -339,7 +445,19 @@ class BackendSupervisor:
             ]
             self.status.layers_total = reply.layers_total
             self.status.layers_local = reply.layers_local
+            self._note_load(reply)
         return self.status
+
+    def _note_load(self, reply: pb.StatusResponse) -> None:
+        """Take the backend's load progress (of the load running now, or of the last one)."""
+        progress = self.status.load_progress
+        if reply.load_bytes_total:
+            progress.bytes_total = reply.load_bytes_total
+        if progress.active and reply.loading:
+            if progress.weights_since is None:
+                progress.weights_since = time.monotonic() - progress.started
+            progress.fraction = max(progress.fraction, min(1.0, reply.load_fraction))
+        progress.bytes_sent = int(progress.fraction * progress.bytes_total)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -368,30 +486,53 @@ class BackendSupervisor:
     async def session(self, model: str) -> AsyncIterator[BackendClient]:
         """A ready backend with ``model`` loaded, held for one request.
 
-        Waits up to ``ready_wait`` seconds for a (re)starting backend or a model switch,
-        then raises BackendError(503). The request counts as in flight (a reload waits
-        for it) from when it gets the backend until the block exits.
+        Admission control first: when ``max_queue`` requests (waiting here or running)
+        are already admitted, raises BackendError(429, code ``queue_full``) at once
+        (``max_queue`` 0: no bound). Then waits up to ``ready_wait`` seconds for a
+        (re)starting backend or a model switch, else raises BackendError(503). The
+        request counts as in flight (a reload waits for it) from when it gets the
+        backend until the block exits; its queue slot is freed when the block exits,
+        also when the request is cancelled (a client that went away).
         """
         if model not in self.models:
             raise BackendError(404, f"model {model!r} not found", "invalid_request_error", "model_not_found")
-        with trio.move_on_after(self._ready_wait):
-            await self._wait_ready()
-            while self.status.model != model:
-                await self._switch_model(model)
-                await self._wait_ready()
-        if not self._ready or self._client is None or self.status.model != model:
-            reason = f" ({self.status.last_error})" if self.status.last_error else ""
-            raise BackendError(503, f"the inference backend is not ready: {self.status.state}{reason}", code="backend_not_ready")
-        client = self._client
-        self._in_flight += 1
-        if self._in_flight == 1:
-            self._idle = trio.Event()
+        if self.max_queue and self._admitted >= self.max_queue:
+            raise QueueFull(
+                429,
+                f"the server is busy: {self._admitted} requests are already queued or running "
+                f"(limit {self.max_queue}, --max-queue); retry shortly",
+                "server_error",
+                "queue_full",
+            )
+        self._admitted += 1
         try:
-            yield client
+            with trio.move_on_after(self._ready_wait):
+                await self._wait_ready()
+                while self.status.model != model:
+                    await self._switch_model(model)
+                    await self._wait_ready()
+            if not self._ready or self._client is None or self.status.model != model:
+                reason = f" ({self.status.last_error})" if self.status.last_error else ""
+                raise BackendError(
+                    503, f"the inference backend is not ready: {self.status.state}{reason}", code="backend_not_ready"
+                )
+            client = self._client
+            self._in_flight += 1
+            if self._in_flight == 1:
+                self._idle = trio.Event()
+            try:
+                yield client
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._admitted -= 1
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted right now: waiting for the backend or running."""
+        return self._admitted
 
 
 async def follow_worker_set(

@@ -153,3 +153,100 @@ def test_all_servers_unreachable_loads_locally(tmp_path: pathlib.Path) -> None:
         assert server.chat("What is 2+2?", max_tokens=8).status_code == 200
     finally:
         server.close()
+
+
+# --- issue 6: bad configuration in p2p mode (`run --p2p`, `worker p2p-llama-cpp-rpc`) ----------
+
+_NO_TOKEN_ENV = {"TOKEN": "", "P2P_TOKEN": "", "LLAMACPP_GRPC_SERVERS": ""}
+
+
+def _token() -> str:
+    return _run(["token", "new"]).stdout.strip()
+
+
+def _p2p_run(tmp_path: pathlib.Path, *extra: str) -> list[str]:
+    return ["run", "--p2p", "--p2ptoken", _token(), "--address", f"127.0.0.1:{free_port()}", "--p2p-no-mdns",
+            "--state-dir", str(tmp_path / "state"), *extra]
+
+
+def _p2p_worker(tmp_path: pathlib.Path, *extra: str, token: str | None = None) -> list[str]:
+    return ["worker", "p2p-llama-cpp-rpc", "--token", token or _token(), "--threads", "1", "--p2p-no-mdns",
+            "--p2p-listen", "/ip4/127.0.0.1/tcp/0", *(["--state-dir", str(tmp_path / "state")] if "--state-dir" not in extra else []),
+            *extra]
+
+
+def test_p2p_run_missing_model(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "m.yaml").write_text("name: m\nparameters:\n  model: nowhere.gguf\n")
+    result = _run(_p2p_run(tmp_path, "--models-path", str(tmp_path)), env=_NO_TOKEN_ENV)
+    _assert_one_line_failure(result, "model file not found", "nowhere.gguf")
+
+
+def _assert_fails_with_last_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """A failure found after start-up began: logs may precede it, the last line is the one error."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("localp2p: error: "), result.stderr[-2000:]
+    assert result.stderr.count("localp2p: error: ") == 1
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_p2p_run_corrupt_model_and_malformed_yaml(tmp_path: pathlib.Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    # GGUF magic, then garbage: passes the cheap check, fails when llama.cpp reads it.
+    (corrupt / "fake.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 61)
+    result = _run(_p2p_run(tmp_path, "--models-path", str(corrupt)), env=_NO_TOKEN_ENV)
+    _assert_fails_with_last_line(result, "fake.gguf")
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "bad.yaml").write_text("name: [unclosed\n")
+    _assert_one_line_failure(_run(_p2p_run(tmp_path, "--models-path", str(malformed)), env=_NO_TOKEN_ENV), "malformed YAML")
+
+
+def test_p2p_run_http_port_in_use(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = _p2p_run(tmp_path)
+        args[args.index("--address") + 1] = f"127.0.0.1:{port}"
+        _assert_one_line_failure(_run(args, env=_NO_TOKEN_ENV), f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_p2p_state_dir_not_writable(tmp_path: pathlib.Path) -> None:
+    """A state dir below a regular file cannot be created (even root cannot: ENOTDIR)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    state = str(blocker / "state")
+    _assert_fails_with_last_line(_run([*_p2p_run(tmp_path), "--state-dir", state], env=_NO_TOKEN_ENV), state)
+    worker = _run(_p2p_worker(tmp_path, "--state-dir", state), env=_NO_TOKEN_ENV)
+    _assert_fails_with_last_line(worker, state)
+
+
+def test_p2p_corrupt_identity(tmp_path: pathlib.Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "worker-identity.key").write_bytes(b"\x00garbage")
+    (state / "server-identity.key").write_bytes(b"\x00garbage")
+    _assert_fails_with_last_line(_run(_p2p_worker(tmp_path), env=_NO_TOKEN_ENV), "identity", "corrupt")
+    _assert_fails_with_last_line(_run(_p2p_run(tmp_path), env=_NO_TOKEN_ENV), "identity", "corrupt")
+
+
+def test_p2p_worker_bad_or_missing_token(tmp_path: pathlib.Path) -> None:
+    _assert_one_line_failure(_run(_p2p_worker(tmp_path, token="lp2p1.AAAA"), env=_NO_TOKEN_ENV), "network token")
+    _assert_one_line_failure(_run(_p2p_worker(tmp_path, token="not-a-token"), env=_NO_TOKEN_ENV), "network token")
+    no_token = [a for a in _p2p_worker(tmp_path) if a != "--token"]
+    no_token.remove(next(a for a in no_token if a.startswith("lp2p1.")))
+    _assert_one_line_failure(_run(no_token, env=_NO_TOKEN_ENV), "no network token")
+
+
+def test_p2p_worker_listen_port_in_use(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = _p2p_worker(tmp_path)
+        args[args.index("--p2p-listen") + 1] = f"/ip4/127.0.0.1/tcp/{port}"
+        _assert_fails_with_last_line(_run(args, env=_NO_TOKEN_ENV), "cannot listen for p2p")

@@ -10,6 +10,7 @@ mid-request; that is expected, and the supervisor restarts it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import os
 import pathlib
@@ -28,6 +29,8 @@ from localp2p._proto import backend_pb2 as pb
 from localp2p._proto import backend_pb2_grpc as pb_grpc
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
 from localp2p.layers import assign_layers, model_block_count
+
+from .continuation import tracked_generation
 
 log = structlog.get_logger("backend")
 
@@ -76,6 +79,11 @@ class BackendState:
     registered: tuple[str, ...] | None = None
     error: str = ""
     busy: bool = False
+    # Model load progress, written by llama.cpp's progress callback, read by Status
+    # (which answers from another gRPC thread while LoadModel holds ``lock``).
+    loading: bool = False
+    load_fraction: float = 0.0
+    load_bytes_total: int = 0
 
 
 #: Tensors that make up the output layer (``token_embd`` stands in for it when tied).
@@ -119,6 +127,66 @@ def output_layer_on_host(enabled: bool) -> Iterator[None]:
         lib.llama_model_default_params = original
 
 
+@contextlib.contextmanager
+def report_load_progress(state: BackendState) -> Iterator[None]:
+    """While active, model loads write llama.cpp's progress (0..1) into ``state.load_fraction``.
+
+    llama-cpp-python's ``Llama`` has no parameter for ``progress_callback``; it builds
+    its params from ``llama_model_default_params()``, so that is wrapped for the
+    duration of one load (callers hold the backend lock), like
+    :func:`output_layer_on_host`. The ctypes callback is referenced here until the
+    load ends, so it is not garbage collected while llama.cpp may call it; it returns
+    True (False would abort the load).
+    """
+    import llama_cpp.llama_cpp as lib  # noqa: PLC0415
+
+    def on_progress(fraction: float, _user_data: Any) -> bool:
+        state.load_fraction = float(fraction)
+        return True
+
+    callback = lib.llama_progress_callback(on_progress)
+    original = lib.llama_model_default_params
+
+    def with_progress() -> Any:
+        params = original()
+        params.progress_callback = callback
+        return params
+
+    state.loading, state.load_fraction = True, 0.0
+    lib.llama_model_default_params = with_progress
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+        state.loading = False
+
+
+def _request_scope(request_id: str) -> contextvars.Context:
+    """A copy of the current context with ``request_id`` bound for structlog.
+
+    Calls run in it (``Context.run``) so every log line of one request carries its id,
+    including lines logged deep in helpers, without leaking it into the gRPC thread
+    that serves the next call.
+    """
+    scope = contextvars.copy_context()
+    if request_id:
+        scope.run(structlog.contextvars.bind_contextvars, request_id=request_id)
+    return scope
+
+
+def _iterate_in(scope: contextvars.Context, replies: Iterator[Any]) -> Iterator[Any]:
+    """Drive the generator ``replies`` inside ``scope``, closing it there too."""
+    try:
+        while True:
+            try:
+                reply = scope.run(next, replies)
+            except StopIteration:
+                return
+            yield reply
+    finally:
+        scope.run(replies.close)
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     log.warning("request refused", code=code.name, reason=message)
     context.abort(code, message)
@@ -159,6 +227,11 @@ class LlamaBackend(pb_grpc.BackendServicer):
             servers = tuple(request.RPCServers) or parse_rpc_servers(os.environ.get(RPC_SERVERS_ENV))
         except ConfigError as exc:
             return pb.Result(success=False, message=str(exc))
+        # The model file's size stands for the weight bytes a load places (locally and on the
+        # workers): llama.cpp reports progress over all tensors, not per device, and the GGUF
+        # header is a few MB of it. (Summing tensor sizes with GGUFReader is exact but takes
+        # seconds for a 50k-token vocabulary.) Set early, so Status has it while probing.
+        self.state.load_bytes_total = pathlib.Path(request.ModelFile).stat().st_size
         with self.state.lock:
             if self.state.registered is not None and servers != self.state.registered:
                 return pb.Result(
@@ -217,7 +290,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
         on_workers = sum(d.layers for d in used)
         keep_output = bool(used) and not request.OffloadOutput
         started = time.monotonic()
-        with output_layer_on_host(keep_output):
+        with output_layer_on_host(keep_output), report_load_progress(self.state):
             llm = llama_cpp.Llama(
                 model_path=str(model_file),
                 n_ctx=request.ContextSize or 2048,
@@ -278,6 +351,9 @@ class LlamaBackend(pb_grpc.BackendServicer):
             layers_total=model.layers_total if model else 0,
             layers_local=model.layers_local if model else 0,
             memory_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            loading=self.state.loading,
+            load_fraction=self.state.load_fraction,
+            load_bytes_total=self.state.load_bytes_total,
         )
 
     # -- inference ---------------------------------------------------------------------
@@ -296,15 +372,33 @@ class LlamaBackend(pb_grpc.BackendServicer):
         """
         bound = log.bind(request_id=request.RequestId or None)
         with self.state.lock:
+            if not context.is_active():
+                # Cancelled while it queued for the lock: generate nothing.
+                bound.info("client went away before its turn; generation skipped")
+                return
             model = self._model(context)
+            continued = list(request.ContinueTokens)
+            if any(not 0 <= token < model.llm.n_vocab() for token in continued):
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ContinueTokens holds ids outside the vocabulary")
             kwargs = _sampling_kwargs(request)
             if request.IgnoreEOS:
                 kwargs["logit_bias"] = {token: float("-inf") for token in model.end_tokens()}
+            # Evaluate every prompt in full: reusing the KV cache of the previous request's
+            # prefix evaluates the last prompt token in a batch of one, whose float results
+            # differ slightly, so greedy output would depend on the request before it.
+            model.llm.reset()
             started = time.monotonic()
             first_at: float | None = None
             tokens = prompt_tokens = 0
             finish = "stop"
             self.state.busy = True
+            ends = frozenset(model.end_tokens())
+            # Entered here and exited in the ``finally`` below: token ids for the replies,
+            # and the continuation of a failed-over request (ContinueTokens).
+            generation = tracked_generation(model.llm, continued, ends.__contains__)
+            ids = generation.__enter__()
+            if continued:
+                bound.info("continuing a generation", continued_tokens=len(continued))
             try:
                 if request.Messages:
                     messages = [
@@ -327,15 +421,20 @@ class LlamaBackend(pb_grpc.BackendServicer):
                         continue
                     if first_at is None:
                         first_at = time.monotonic()
-                    tokens += 1
-                    yield pb.Reply(message=text.encode("utf-8"), tokens=tokens)
+                    tokens = ids.completion
+                    yield pb.Reply(message=text.encode("utf-8"), tokens=tokens, token_ids=ids.take())
                     if not context.is_active():
                         bound.info("client went away; generation stopped", tokens=tokens)
                         return
-                prompt_tokens = model.llm.n_tokens - tokens if model.llm.n_tokens >= tokens else 0
+                tokens, prompt_tokens = ids.completion, ids.prompt
             except ValueError as exc:
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except GeneratorExit:
+                # gRPC closes the stream when the call is cancelled (the HTTP client went away).
+                bound.info("client went away; generation stopped", tokens=tokens)
+                raise
             finally:
+                generation.__exit__(None, None, None)
                 self.state.busy = False
             done = time.monotonic()
             first_at = first_at or done
@@ -351,14 +450,22 @@ class LlamaBackend(pb_grpc.BackendServicer):
                 tokens=tokens,
                 prompt_tokens=prompt_tokens,
                 finish_reason=finish,
+                token_ids=ids.take(),
                 timing_prompt_processing=first_at - started,
                 timing_token_generation=done - first_at,
             )
 
     def PredictStream(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
-        yield from self._generate(request, context)
+        scope = _request_scope(request.RequestId)
+        scope.run(log.info, "predict start", stream=True, max_tokens=request.Tokens or None)
+        yield from _iterate_in(scope, self._generate(request, context))
 
     def Predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
+        scope = _request_scope(request.RequestId)
+        scope.run(log.info, "predict start", stream=False, max_tokens=request.Tokens or None)
+        return scope.run(self._predict, request, context)
+
+    def _predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
         parts: list[bytes] = []
         final = pb.Reply()
         for reply in self._generate(request, context):
@@ -375,6 +482,9 @@ class LlamaBackend(pb_grpc.BackendServicer):
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     def Embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
+        return _request_scope(request.RequestId).run(self._embedding, request, context)
+
+    def _embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
         import llama_cpp  # noqa: PLC0415
 
         inputs = list(request.Inputs) or [request.Prompt]
@@ -407,6 +517,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
                 prompt_tokens += n
                 vector = embedder.embed(text, normalize=True)
                 data.append(pb.Embedding(embeddings=vector))
+        log.info("embedding done", inputs=len(inputs), prompt_tokens=prompt_tokens)
         return pb.EmbeddingResult(data=data, prompt_tokens=prompt_tokens)
 
 

@@ -35,6 +35,9 @@ def backend_error_body(exc: BackendError) -> dict[str, Any]:
     return error_body(exc.message, exc.error_type, code=exc.code)
 
 
+#: Seconds a client is asked to wait (Retry-After) on a 429/503 that does not say otherwise.
+RETRY_AFTER = 5
+
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -69,7 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BackendError)
     async def _backend_error(_request: Request, exc: BackendError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+        retry_after = getattr(exc, "retry_after", RETRY_AFTER)
+        headers = {"Retry-After": str(retry_after)} if exc.status in (429, 503) else None
         return JSONResponse(backend_error_body(exc), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from localp2p._proto import backend_pb2 as pb
 
@@ -18,8 +18,27 @@ MAX_STOP = 4
 MAX_TOKENS_LIMIT = 1 << 20
 
 
+def _check_unicode(value: Any) -> Any:
+    """Refuse text that is not valid Unicode: JSON may carry lone surrogates (``"\\ud800"``),
+    which no UTF-8 encoder (protobuf, the JSON response) accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+    return value
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return _check_unicode(value)
 
 
 class TextPart(_Lenient):
@@ -105,7 +124,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # An empty prompt has no tokens to start from (llama.cpp asserts on it).
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     echo: bool = False
 
     def prompt_text(self) -> str:
@@ -114,7 +134,8 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Lenient):
     model: str | None = None
-    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
+    # An empty text has no tokens to embed (llama.cpp fails to decode it): OpenAI refuses it too.
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from localp2p import failover
 from localp2p._proto import backend_pb2 as pb
 from localp2p.api.errors import APIError, backend_error_body
 from localp2p.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
 from localp2p.backend_client import BackendError
 from localp2p.config import ModelConfig
+from localp2p.metrics import RequestRecord
 from localp2p.supervisor import BackendSupervisor
 
 router = APIRouter(prefix="/v1")
@@ -33,8 +36,40 @@ def _request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
 
 
+def _record(request: Request) -> RequestRecord:
+    """This request's facts for metrics and recent requests (made by the RequestContext middleware)."""
+    record = getattr(request.state, "record", None)
+    return record if record is not None else RequestRecord(id=_request_id(request), endpoint="", started=time.monotonic())
+
+
+def _generation(request: Request, model: ModelConfig, options: pb.PredictOptions) -> AsyncGenerator[pb.Reply, None]:
+    """The replies of one generation, continued on a restarted backend if the backend dies
+    (bounded by ``--failover-timeout``; see localp2p.failover). Close it when done."""
+    timeout = getattr(request.app.state, "failover_timeout", failover.DEFAULT_FAILOVER_TIMEOUT)
+    return failover.generate(_supervisor(request), model.name, options, timeout)
+
+
+async def _whole_reply(request: Request, model: ModelConfig, options: pb.PredictOptions) -> pb.Reply:
+    """Run a generation to its end and return it as one Reply (for a response sent whole).
+
+    Streamed from the backend internally, so a failover keeps the tokens already made.
+    Raises BackendError like :func:`localp2p.failover.generate`.
+    """
+    parts: list[bytes] = []
+    final = pb.Reply()
+    async with contextlib.aclosing(_generation(request, model, options)) as generation:
+        async for reply in generation:
+            if reply.finish_reason:
+                final = reply
+            else:
+                parts.append(reply.message)
+    final.message = b"".join(parts)
+    return final
+
+
 def _model(request: Request, name: str | None) -> ModelConfig:
     models = _supervisor(request).models
+    _record(request).describe(name or next(iter(models)))
     if name is None or name == "":
         return next(iter(models.values()))
     if name not in models:
@@ -76,14 +111,16 @@ async def _stream_response(
     """Stream a generation as SSE.
 
     The first reply is awaited before the response starts, so errors found before any
-    token (unknown model, backend down, prompt too long) get a real HTTP status. Errors
-    after that arrive as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
+    token (unknown model, backend down, prompt too long) get a real HTTP status. A
+    backend that dies mid-stream is failed over (the stream pauses, then goes on). Errors
+    after the first reply arrive as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
     """
-    supervisor = _supervisor(request)
+    _record(request).stream = True
 
     async def replies() -> AsyncIterator[pb.Reply]:
-        async with supervisor.session(model.name) as client:
-            async for reply in client.predict_stream(options):
+        async with contextlib.aclosing(_generation(request, model, options)) as generation:
+            async for reply in generation:
+                _record(request).observe(reply)
                 yield reply
 
     source = replies()
@@ -161,8 +198,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream_response(request, model, options, chunk, include_usage, first)
 
-    async with _supervisor(request).session(model.name) as client:
-        reply = await client.predict(options)
+    reply = await _whole_reply(request, model, options)
+    _record(request).observe(reply)
     return {
         "id": ident,
         "object": "chat.completion",
@@ -202,8 +239,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream_response(request, model, options, chunk, include_usage)
 
-    async with _supervisor(request).session(model.name) as client:
-        reply = await client.predict(options)
+    reply = await _whole_reply(request, model, options)
+    _record(request).observe(reply)
     return {
         "id": ident,
         "object": "text_completion",
@@ -227,6 +264,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     options = pb.PredictOptions(Inputs=body.inputs(), RequestId=_request_id(request))
     async with _supervisor(request).session(model.name) as client:
         result = await client.embedding(options)
+    _record(request).observe(result)
 
     def encode(vector: Any) -> Any:
         if body.encoding_format == "base64":
