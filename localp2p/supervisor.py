@@ -24,6 +24,7 @@ from localp2p.config import RPC_SERVERS_ENV, ModelConfig
 from localp2p.errors import StartupError
 from localp2p.logs import get_logger
 from localp2p.procutil import python_module_argv, start_child, stop_child
+from localp2p.tensor_cache import CacheGuard, cache_min_free
 
 log = get_logger("supervisor")
 
@@ -84,9 +85,10 @@ class RpcServerSpec:
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def argv(self) -> list[str]:
+    def argv(self, *, cache: bool = True) -> list[str]:
+        """The child's command line; ``cache=False`` leaves the tensor cache off (see tensor_cache)."""
         args = [self.endpoint, "--threads", str(self.threads or os.cpu_count() or 1)]
-        if self.cache_dir:
+        if self.cache_dir and cache:
             args += ["--cache-dir", self.cache_dir]
         return python_module_argv("localp2p._rpc_server", *args)
 
@@ -110,11 +112,16 @@ async def supervise_rpc_server(
     ``task_status.started`` gets the HELLO answer of the first healthy start. A child
     that dies later is restarted with backoff. Raises StartupError when the very first
     start fails (e.g. the port is taken). Cancellation stops the child.
+
+    With a cache dir, each start uses it only while its disk has room, and a child
+    whose cache disk runs low is stopped and restarted without it (localp2p.tensor_cache).
     """
     first = True
     backoff = RESTART_BACKOFF_MIN
+    guard = CacheGuard(spec.cache_dir, cache_min_free()) if spec.cache_dir else None
     while True:
-        process = await start_child(spec.argv())
+        cached = guard is not None and await guard.usable()
+        process = await start_child(spec.argv(cache=cached))
         try:
             try:
                 info = await _wait_rpc_ready(process, spec.endpoint)
@@ -129,10 +136,11 @@ async def supervise_rpc_server(
                 else:
                     log.info("rpc-server restarted", endpoint=spec.endpoint, pid=process.pid)
                 up_since = time.monotonic()
-                code = await process.wait()
-                if time.monotonic() - up_since > HEALTHY_AFTER:
+                code = await guard.serve(process) if guard is not None and cached else await process.wait()
+                if code is None or time.monotonic() - up_since > HEALTHY_AFTER:  # None: stopped by the guard
                     backoff = RESTART_BACKOFF_MIN
-                log.warning("rpc-server exited; restarting", endpoint=spec.endpoint, code=code, in_s=backoff)
+                if code is not None:
+                    log.warning("rpc-server exited; restarting", endpoint=spec.endpoint, code=code, in_s=backoff)
         finally:
             await stop_child(process)
         await trio.sleep(backoff)
@@ -381,14 +389,21 @@ class BackendSupervisor:
         started = time.monotonic()
         progress = self.status.load_progress = LoadProgress(active=True, started=started)
         log.info("loading model", model=name, rpc_servers=list(self.status.rpc_servers) or None)
+        failed: BackendError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_load, client, name, progress)
             try:
                 result = await client.load_model(model_options(model, self.status.rpc_servers, self._threads))
+            except BackendError as exc:
+                # Raised outside the nursery: from inside it would come out wrapped in an
+                # ExceptionGroup, past run()'s restart (a worker lost mid-load ended the server).
+                failed = exc
             finally:
                 nursery.cancel_scope.cancel()
                 progress.active = False
                 progress.seconds = time.monotonic() - started
+        if failed is not None:
+            raise failed
         if not result.success:
             raise BackendError(500, result.message)
         progress.fraction = 1.0
