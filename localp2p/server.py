@@ -80,14 +80,15 @@ async def serve(
     closes, in-flight requests get up to ``settings.shutdown_grace`` seconds to finish, then the
     backend and the p2p node are stopped and this returns. Cancellation stops at once.
     """
+    workers = WorkerSet() if settings.p2p is not None else None
     supervisor = BackendSupervisor(
         settings.models,
         rpc_servers=settings.rpc_servers,
         threads=settings.threads,
         ready_wait=settings.ready_wait,
         max_queue=settings.max_queue,
+        network_bytes=workers.bytes_sent if workers is not None else None,
     )
-    workers = WorkerSet() if settings.p2p is not None else None
     app = create_app(
         supervisor,
         {"workers": workers, "network": None, "failover_timeout": settings.failover_timeout},

@@ -11,7 +11,7 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,6 +57,9 @@ RELOAD_DEBOUNCE_MAX = 5.0
 LOAD_POLL = 0.5
 #: Seconds between two "loading model" progress lines in the log.
 LOAD_LOG_INTERVAL = 2.0
+#: A load that sent the workers less than this share of their weights was served by
+#: their tensor caches (hash offers and graph set-up still cross; weights do not).
+CACHED_LOAD_SHARE = 0.05
 
 
 class ChildExited(Exception):
@@ -158,9 +161,11 @@ class LoadProgress:
     tensors llama.cpp loads, on the workers and locally), and ``bytes_sent`` the part
     loaded so far: llama.cpp reports progress over all tensors, not per device, so
     these count bytes loaded, of which the workers' share crosses the network.
-    ``from_cache`` stays None (unknown): llama.cpp's RPC client offers each big tensor
-    to an rpc-server with ``--cache-dir`` by hash first and does not report which ones
-    the cache had.
+    ``network_bytes`` counts what really crossed to the workers during this load, where
+    the supervisor can see it (p2p: the tunnels' counters), and ``from_cache`` says, once
+    the load is done, whether the workers' tensor caches spared nearly all of their
+    share (None where the bytes cannot be seen: static mode, or no layer on a worker).
+    llama.cpp itself does not report cache hits.
     """
 
     active: bool = False
@@ -170,6 +175,7 @@ class LoadProgress:
     started: float = 0.0  # time.monotonic()
     seconds: float = 0.0
     from_cache: bool | None = None
+    network_bytes: int | None = None
     weights_since: float | None = None  # seconds after ``started`` when llama.cpp began loading weights
 
     @property
@@ -196,6 +202,7 @@ class LoadProgress:
             "rate_bytes_per_s": round(rate) if rate else None,
             "eta_s": None if eta is None else round(eta, 1),
             "from_cache": self.from_cache,
+            "network_bytes": self.network_bytes,
         }
 
 
@@ -258,9 +265,12 @@ class BackendSupervisor:
         ready_wait: float = REQUEST_READY_WAIT,
         env: Mapping[str, str] | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        network_bytes: Callable[[], int] | None = None,
     ) -> None:
         self.models = dict(models)
         self.max_queue = max_queue
+        #: Bytes sent to workers so far (p2p: the tunnels), to tell a cached load apart.
+        self._network_bytes = network_bytes
         self._admitted = 0
         self.status = BackendStatus()
         self._rpc_servers = tuple(rpc_servers)
@@ -307,7 +317,9 @@ class BackendSupervisor:
 
         ``task_status.started()`` comes after the first successful model load; failing
         that first start raises StartupError (a bad model must stop `run` with one line).
-        Later crashes are restarted with backoff. Cancellation stops the process.
+        Later crashes are restarted with backoff; a planned reload (drained for a new
+        worker set or model) starts the next process at once and is not a restart.
+        Cancellation stops the process.
         """
         first = True
         backoff = RESTART_BACKOFF_MIN
@@ -316,7 +328,9 @@ class BackendSupervisor:
             while True:
                 up_since = time.monotonic()
                 try:
-                    await self._run_once(socket_path, task_status if first else None)
+                    if await self._run_once(socket_path, task_status if first else None):
+                        first = False
+                        continue
                 except (ChildExited, BackendError, trio.TooSlowError) as exc:
                     message = str(exc) or type(exc).__name__
                     self.status.last_error = message
@@ -330,8 +344,8 @@ class BackendSupervisor:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
-    async def _run_once(self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None) -> None:
-        """One backend process from start to exit (crash, or drained for a reload)."""
+    async def _run_once(self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None) -> bool:
+        """One backend process from start to exit; True when it was drained for a reload."""
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         self.status.rpc_servers = self.servers_for(self._target)
@@ -354,10 +368,12 @@ class BackendSupervisor:
                 nursery.start_soon(self._watch_reload, process, nursery.cancel_scope)
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
-            if self.status.state != "draining":
-                self.status.last_error = f"backend process exited with code {code}"
-                log.error("backend process died; restarting it", code=code, restarts=self.status.restarts + 1)
-                self._set_ready(False, "restarting")
+            if self.status.state == "draining":
+                return True
+            self.status.last_error = f"backend process exited with code {code}"
+            log.error("backend process died; restarting it", code=code, restarts=self.status.restarts + 1)
+            self._set_ready(False, "restarting")
+            return False
         finally:
             self._client = None
             if self.status.state == "ready":
@@ -388,6 +404,7 @@ class BackendSupervisor:
         model = self.models[name]
         started = time.monotonic()
         progress = self.status.load_progress = LoadProgress(active=True, started=started)
+        network_start = self._network_bytes() if self._network_bytes is not None else None
         log.info("loading model", model=name, rpc_servers=list(self.status.rpc_servers) or None)
         failed: BackendError | None = None
         async with trio.open_nursery() as nursery:
@@ -410,6 +427,9 @@ class BackendSupervisor:
         self.status.model = name
         self.status.load_seconds = round(time.monotonic() - started, 3)
         await self.refresh_status(client)
+        if network_start is not None and self._network_bytes is not None:
+            progress.network_bytes = self._network_bytes() - network_start
+            progress.from_cache = self._cached_load(progress)
         self._log_progress(name, progress, "model loaded")
 
     async def _follow_load(self, client: BackendClient, name: str, progress: LoadProgress) -> None:
@@ -427,6 +447,14 @@ class BackendSupervisor:
                 logged = time.monotonic()
                 self._log_progress(name, progress, "loading model")
 
+    def _cached_load(self, progress: LoadProgress) -> bool | None:
+        """Whether the workers' share of the weights came from their tensor caches."""
+        on_workers = self.status.layers_total - self.status.layers_local
+        if progress.network_bytes is None or on_workers <= 0 or not self.status.layers_total:
+            return None
+        share = progress.bytes_total * on_workers / self.status.layers_total
+        return progress.network_bytes < CACHED_LOAD_SHARE * share
+
     def _log_progress(self, name: str, progress: LoadProgress, event: str) -> None:
         rate, eta = progress.rate, progress.eta
         log.info(
@@ -437,6 +465,8 @@ class BackendSupervisor:
             mib_per_s=round(rate / 2**20, 1) if rate else None,
             eta_s=round(eta, 1) if eta is not None else None,
             seconds=round(progress.seconds, 2),
+            **({} if progress.network_bytes is None else {"network_mib": round(progress.network_bytes / 2**20, 1)}),
+            **({} if progress.from_cache is None else {"from_cache": progress.from_cache}),
         )
 
     async def refresh_status(self, client: BackendClient | None = None) -> BackendStatus:

@@ -21,16 +21,23 @@ from multiaddr import Multiaddr
 from localp2p.logs import get_logger
 from localp2p.p2p.auth import AuthError, AuthGate
 from localp2p.p2p.discovery import Candidate
-from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, PING_TIMEOUT, Pinger, PingFailed
+from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, Pinger, PingFailed
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import REFUSED_BUSY, TunnelStats, serve_tunnel
 
 log = get_logger("workers")
 
-#: Seconds to connect and authenticate a candidate before giving up on this attempt.
-ATTACH_TIMEOUT = 10.0
-#: Seconds before a peer that failed to attach (or went away) is tried again.
-RETRY_INTERVAL = 5.0
+#: Seconds to connect and authenticate a candidate before giving up on this attempt
+#: (milliseconds on a LAN; an unplugged peer must not hold the next attempt back long).
+ATTACH_TIMEOUT = 6.0
+#: Seconds before a peer that failed to attach (or went away) is tried again: short at
+#: first (a worker back from a blip returns quickly), doubling up to the max for a peer
+#: that stays away.
+RETRY_MIN = 1.0
+RETRY_MAX = 8.0
+#: Seconds before the next ping after one that failed at once (connection refused or
+#: reset: the worker process is likely gone), so a stopped worker is dropped in ~2 s.
+FAST_FAILURE_RETRY = 0.5
 #: Seconds between pings to a worker that is busy with another server.
 BUSY_RECHECK = 5.0
 
@@ -99,6 +106,10 @@ class WorkerSet:
     def live(self) -> list[Worker]:
         return [w for w in self.all() if w.state == ONLINE]
 
+    def bytes_sent(self) -> int:
+        """Bytes sent to all workers through their tunnels so far (server → workers)."""
+        return sum(w.stats.bytes_sent for w in self._workers.values())
+
     def endpoints(self) -> tuple[str, ...]:
         """``LLAMACPP_GRPC_SERVERS`` for the backend: the live workers' tunnel ends, stable order."""
         return tuple(w.endpoint for w in self.live() if w.endpoint)
@@ -166,16 +177,19 @@ class WorkerAttacher:
     async def _attend(self, peer_id: ID, source: str, name: str | None) -> None:
         """Own one peer for as long as the server runs: attach, watch, re-attach."""
         key = str(peer_id)
+        delay = RETRY_MIN
         try:
             while True:
                 worker = await self._attach(peer_id, source, name)
                 if worker is None:
                     if key in self._non_workers:
                         return
-                    await trio.sleep(RETRY_INTERVAL)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
                     continue
+                delay = RETRY_MIN
                 await self._serve(peer_id, worker)
-                await trio.sleep(RETRY_INTERVAL)
+                await trio.sleep(delay)
         finally:
             self._attending.discard(key)
 
@@ -240,7 +254,7 @@ class WorkerAttacher:
                 missed += 1
                 log.debug("ping missed", peer_id=worker.peer_id, missed=missed, error=str(exc))
                 if "timed out" not in str(exc) and "TooSlow" not in str(exc):
-                    await trio.sleep(PING_TIMEOUT)  # failed fast (refused, reset): do not spin
+                    await trio.sleep(FAST_FAILURE_RETRY)  # failed fast (refused, reset): do not spin
                 continue  # a timeout already waited
             missed = 0
             worker.last_seen = time.time()
