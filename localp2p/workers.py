@@ -29,12 +29,12 @@ log = get_logger("workers")
 
 #: Seconds to connect and authenticate a candidate before giving up on this attempt
 #: (milliseconds on a LAN; an unplugged peer must not hold the next attempt back long).
-ATTACH_TIMEOUT = 6.0
+ATTACH_TIMEOUT = 5.0
 #: Seconds before a peer that failed to attach (or went away) is tried again: short at
 #: first (a worker back from a blip returns quickly), doubling up to the max for a peer
 #: that stays away.
 RETRY_MIN = 1.0
-RETRY_MAX = 8.0
+RETRY_MAX = 4.0
 #: Seconds before the next ping after one that failed at once (connection refused or
 #: reset: the worker process is likely gone), so a stopped worker is dropped in ~2 s.
 FAST_FAILURE_RETRY = 0.5

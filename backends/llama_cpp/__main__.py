@@ -7,6 +7,7 @@ accepting, lets running calls finish for a moment, and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -56,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     server.stop(SHUTDOWN_GRACE).wait()
     log.info("backend stopped")
-    return 0
+    # Leave without running llama.cpp's destructors: freeing a model whose RPC devices
+    # sit behind a dead worker can block until the supervisor's SIGKILL (seconds that
+    # every reload after a lost worker would wait). The OS frees everything anyway.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
