@@ -326,6 +326,18 @@ def wait_for_workers(server: Server, peer_ids: Sequence[str], timeout: float = 6
     raise TimeoutError(f"workers {peer_ids} not all in use; last /api/p2p: {state}\n{server.proc.stderr()[-2000:]}")
 
 
+def rpc_server_child(worker: Proc) -> tuple[int, list[str]]:
+    """Pid and command line of a worker's (current) llama.cpp rpc-server child."""
+    for pid in descendants(worker.pid):
+        try:
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "localp2p._rpc_server" in argv:
+            return pid, argv
+    raise AssertionError("the worker has no rpc-server child")
+
+
 def rpc_server_connections(worker: Proc) -> int:
     """Connections the worker's llama.cpp rpc-server accepted (it logs each one)."""
     return worker.stderr().count("Accepted client connection")

@@ -14,10 +14,9 @@ from unittest import mock
 
 import pytest
 
-from cluster import LOCALP2P, Proc, Server, descendants, free_port, start_server, start_worker
-from localp2p.genmodel import write_model
+from cluster import LOCALP2P, Proc, Server, free_port, rpc_server_child, start_server, start_worker
 from localp2p.tensor_cache import CACHE_MIN_FREE_ENV
-from test_tensor_cache import CACHE_SHAPE
+from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 
 #: Bytes the first load writes to the cache: ffn gate/up/down of each layer, F16.
 CACHED_BYTES = 3 * CACHE_SHAPE.layers * CACHE_SHAPE.embd * CACHE_SHAPE.ff * 2
@@ -29,14 +28,6 @@ HEADROOM = CACHED_BYTES + (96 << 20)
 FILLER = HEADROOM + (160 << 20)
 #: Seconds to wait for a worker's log line.
 LOG_WAIT = 60.0
-
-
-@pytest.fixture(scope="module")
-def big_tensor_models(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    models = tmp_path_factory.mktemp("models")
-    write_model(models / "random.gguf", CACHE_SHAPE)
-    (models / "random.yaml").write_text("name: random\ncontext_size: 512\nparameters:\n  model: random.gguf\n")
-    return models
 
 
 def _free(path: pathlib.Path) -> int:
@@ -57,14 +48,7 @@ def _wait_stderr(worker: Proc, needle: str, timeout: float = LOG_WAIT) -> str:
 
 def _rpc_server_argv(worker: Proc) -> list[str]:
     """Command line of the worker's (current) rpc-server child."""
-    for pid in descendants(worker.pid):
-        try:
-            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if "localp2p._rpc_server" in argv:
-            return argv
-    raise AssertionError("the worker has no rpc-server child")
+    return rpc_server_child(worker)[1]
 
 
 def _answer(server: Server, limit: float = 120.0) -> str:

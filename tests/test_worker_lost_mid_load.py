@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from cluster import Proc, descendants, start_server, start_worker
+from cluster import Proc, rpc_server_child, start_server, start_worker
 from localp2p.genmodel import write_model
 from test_tensor_cache import CACHE_SHAPE
 
@@ -24,14 +24,7 @@ WAIT = 120.0
 
 
 def _rpc_server_pid(worker: Proc) -> int:
-    for pid in descendants(worker.pid):
-        try:
-            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if "localp2p._rpc_server" in argv:
-            return pid
-    raise AssertionError("the worker has no rpc-server child")
+    return rpc_server_child(worker)[0]
 
 
 def test_rpc_server_lost_mid_reload_does_not_end_the_server(tmp_path: pathlib.Path) -> None:
