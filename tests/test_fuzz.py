@@ -64,6 +64,13 @@ def test_openapi_schema_is_served(server: Server) -> None:
     paths = schema.json()["paths"]
     for path in (CHAT, "/v1/completions", "/v1/embeddings", "/v1/models"):
         assert path in paths, sorted(paths)
+    # The document says what the server answers: 400 in OpenAI's error shape, not FastAPI's 422.
+    for path in (CHAT, "/v1/completions", "/v1/embeddings"):
+        responses = paths[path]["post"]["responses"]
+        assert "422" not in responses, responses
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    error = schema.json()["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["message", "type"]
 
 
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])

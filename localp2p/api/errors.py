@@ -63,8 +63,60 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"invalid value for {param}: {message}" if param else message), param
 
 
+#: The error object every non-2xx answer carries (OpenAI's shape), for the OpenAPI document.
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make ``/openapi.json`` say what the app answers to a bad request: 400 with :data:`ERROR_SCHEMA`.
+
+    FastAPI documents its default 422 ``HTTPValidationError`` for every route
+    with parameters; the handler below answers 400 in OpenAI's shape instead.
+    The document is built once, on first request, by FastAPI's own generator.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components["Error"] = ERROR_SCHEMA
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {
+                        "description": "Invalid request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can produce leaves it in OpenAI's shape; nothing leaks a traceback."""
+    document_errors(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
