@@ -61,6 +61,9 @@ class ServerInfo:
     endpoint: str
     version: tuple[int, int, int]
     devices: tuple[DeviceMemory, ...]
+    #: The tensor cache directory the server runs with, where its supervisor knows it
+    #: (a probe alone cannot tell; None also when the cache is off).
+    cache_dir: str | None = None
 
     @property
     def version_text(self) -> str:

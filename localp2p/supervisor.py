@@ -7,6 +7,7 @@ fails; a child that dies is restarted, and the trio app around it stays up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import tempfile
@@ -135,7 +136,7 @@ async def supervise_rpc_server(
             else:
                 if first:
                     first = False
-                    task_status.started(info)
+                    task_status.started(dataclasses.replace(info, cache_dir=spec.cache_dir if cached else None))
                 else:
                     log.info("rpc-server restarted", endpoint=spec.endpoint, pid=process.pid)
                 up_since = time.monotonic()

@@ -33,7 +33,7 @@ async def run_static_worker(spec: RpcServerSpec, *, task_status: trio.TaskStatus
         info = await nursery.start(supervise_rpc_server, spec)
         ready = (
             f"localp2p worker ready: endpoint={spec.endpoint} rpc-protocol={info.version_text} "
-            f"memory-free-mib={info.memory_free >> 20} cache={spec.cache_dir or 'off'}"
+            f"memory-free-mib={info.memory_free >> 20} cache={info.cache_dir or 'off'}"
         )
         print(ready, flush=True)
         task_status.started(ready)

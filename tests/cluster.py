@@ -63,6 +63,8 @@ class Proc:
         prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
+        #: the ready line, for helpers that wait for one (start_worker)
+        self.ready_line = ""
         self.stderr_path = log_dir / f"{name}.stderr.log"
         self._stderr = self.stderr_path.open("wb")
         full_env = dict(os.environ)
@@ -135,7 +137,7 @@ class Proc:
 def start_worker(log_dir: pathlib.Path, port: int | None = None, *extra: str, name: str | None = None) -> tuple[Proc, str]:
     port = port or free_port()
     proc = Proc(["worker", "llama-cpp-rpc", "127.0.0.1", str(port), "--threads", "1", *extra], log_dir, name or f"worker-{port}")
-    proc.wait_line("localp2p worker ready")
+    proc.ready_line = proc.wait_line("localp2p worker ready")
     return proc, f"127.0.0.1:{port}"
 
 

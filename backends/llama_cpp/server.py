@@ -305,8 +305,12 @@ class LlamaBackend(pb_grpc.BackendServicer):
                 op_offload=False,  # never ship host-resident weights to a worker per batch
                 verbose=False,
             )
+        requested_ctx, n_ctx = request.ContextSize or 2048, int(llm.n_ctx())
+        if n_ctx != requested_ctx:  # llama.cpp rounds the context up (to a multiple of 256)
+            bound.warning("context size adjusted by llama.cpp", context_size=requested_ctx, effective=n_ctx)
         bound.info(
             "model loaded",
+            context_size=n_ctx,
             seconds=round(time.monotonic() - started, 2),
             layers=n_layer,
             on_workers=on_workers,
