@@ -90,33 +90,26 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         d, t = link["paths"]["direct"], link["paths"]["tunnel"]
         mb = link["plan"]["bulk_bytes"] / 1e6
         size = link["plan"]["message_size"]
-        bulk = ratio(t["bulk_mb_s"], d["bulk_mb_s"])
-        rows.append(Row("Link", f"bulk {mb:.0f} MB one way + ack, direct TCP", _mm(d["bulk_mb_s"], "MB/s")))
-        rows.append(
-            Row(
-                "Link",
-                f"bulk {mb:.0f} MB one way + ack, tunnel",
-                _mm(t["bulk_mb_s"], "MB/s"),
-                f"tunnel ÷ direct {_fmt(bulk)}",
-                chart="ratio",
-                number=bulk,
-                label="Link: bulk MB/s, tunnel ÷ direct",
+
+        def pair(what: str, key: str, unit: str, chart_label: str, *, higher_is_better: bool = True) -> None:
+            """A direct row and a tunnel row with its tunnel ÷ direct ratio (charted)."""
+            r = ratio(t[key], d[key])
+            rows.append(Row("Link", f"{what}, direct TCP", _mm(d[key], unit)))
+            rows.append(
+                Row(
+                    "Link",
+                    f"{what}, tunnel",
+                    _mm(t[key], unit),
+                    f"tunnel ÷ direct {_fmt(r)}",
+                    chart="ratio",
+                    number=r,
+                    higher_is_better=higher_is_better,
+                    label=f"Link: {chart_label}, tunnel ÷ direct",
+                )
             )
-        )
-        rtt = ratio(t["rtt_p50_us"], d["rtt_p50_us"])
-        rows.append(Row("Link", f"{size} B round trip p50, direct TCP", _mm(d["rtt_p50_us"], "µs")))
-        rows.append(
-            Row(
-                "Link",
-                f"{size} B round trip p50, tunnel",
-                _mm(t["rtt_p50_us"], "µs"),
-                f"tunnel ÷ direct {_fmt(rtt)}",
-                chart="ratio",
-                number=rtt,
-                higher_is_better=False,
-                label=f"Link: {size} B round trip p50, tunnel ÷ direct",
-            )
-        )
+
+        pair(f"bulk {mb:.0f} MB one way + ack", "bulk_mb_s", "MB/s", "bulk MB/s")
+        pair(f"{size} B round trip p50", "rtt_p50_us", "µs", f"{size} B round trip p50", higher_is_better=False)
         rows.append(
             Row(
                 "Link",
