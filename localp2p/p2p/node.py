@@ -142,6 +142,8 @@ IDENTIFY_PUSH_PROTOCOL = "/ipfs/id/push/1.0.0"
 IDENTIFY_PUSH_MAX = 64 * 1024
 #: Seconds a peer gets to send its identify/push message (py-libp2p's value).
 IDENTIFY_PUSH_TIMEOUT = 10.0
+#: py-libp2p's switch for a WINDOW_UPDATE after every read (see :func:`_install_yamux_fix`).
+YAMUX_RELEASE_ON_READ_ENV = "PY_YAMUX_RELEASE_ON_READ"
 #: Peers remembered by :class:`PeerLogLimiter`; the oldest are forgotten so
 #: peer-id churn cannot grow memory without bound.
 PEER_LOG_TRACK_MAX = 1024
@@ -399,10 +401,19 @@ _install_log_limits()
 
 
 def _install_yamux_fix() -> None:
-    """MuxerMultistream builds the module-level ``Yamux`` whatever muxer_opt says."""
+    """Use :class:`ReaderNeverBlocksYamux` and go-yamux's window-update batching.
+
+    MuxerMultistream builds the module-level ``Yamux`` whatever muxer_opt says.
+    py-libp2p's ``PY_YAMUX_RELEASE_ON_READ`` (default on) answers every read
+    with a WINDOW_UPDATE frame: one more encrypted frame each way per relayed
+    chunk. Off, credit is returned in batches like go-yamux (the window stays
+    open: the sender still never waits while the reader keeps up); measured on
+    the tunnel: bulk 111 -> 121 MB/s on 2 cores. An operator's own setting wins.
+    """
     from libp2p.stream_muxer import muxer_multistream  # noqa: PLC0415
 
     muxer_multistream.Yamux = ReaderNeverBlocksYamux  # type: ignore[misc]
+    os.environ.setdefault(YAMUX_RELEASE_ON_READ_ENV, "0")
 
 
 _install_yamux_fix()
