@@ -19,7 +19,7 @@ from typing import Any
 from localp2p.token import NetworkToken
 
 from .procs import Procs
-from .stats import CpuWatch, percentile, summary
+from .stats import CpuWatch, percentile, process_cpu_s, summary
 
 MB = 1_000_000
 
@@ -114,13 +114,21 @@ def run(procs: Procs, plan: LinkPlan, log: Any = print) -> dict[str, Any]:
         p50: dict[str, list[float]] = {k: [] for k in ports}
         p99: dict[str, list[float]] = {k: [] for k in ports}
         connects: dict[str, list[float]] = {k: [] for k in ports}
+        # CPU µs per round trip of each tunnel end: the relays' cost, which on a machine
+        # whose cores llama.cpp also uses is taken from the model's compute.
+        cpu_us: dict[str, list[float]] = {"server": [], "worker": []}
+        pids = {"server": server.popen.pid, "worker": worker.popen.pid}
         with CpuWatch() as cpu:
             for rep in range(max(plan.bulk_reps, plan.rtt_reps)):
                 for path, port in ports.items():  # interleaved: noise falls on both paths alike
                     if rep < plan.bulk_reps:
                         bulk[path].append(bulk_mb_s(port, plan.bulk_bytes))
                     if rep < plan.rtt_reps:
+                        before = {end: process_cpu_s(pid) for end, pid in pids.items()}
                         sample = round_trips_us(port, plan.rtt_messages, plan.message_size)
+                        if path == "tunnel":
+                            for end, pid in pids.items():
+                                cpu_us[end].append((process_cpu_s(pid) - before[end]) * 1e6 / len(sample))
                         rtts[path].extend(sample)
                         p50[path].append(percentile(sample, 50))
                         p99[path].append(percentile(sample, 99))
@@ -134,6 +142,8 @@ def run(procs: Procs, plan: LinkPlan, log: Any = print) -> dict[str, Any]:
     return {
         "plan": plan.__dict__,
         "other_cores": cpu.other_cores,
+        # the worker end also runs the echo server (a few µs of it per round trip)
+        "tunnel_cpu_us_per_round_trip": {end: summary(values) for end, values in cpu_us.items()},
         "paths": {
             path: {
                 "bulk_mb_s": summary(bulk[path]),

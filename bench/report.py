@@ -118,6 +118,15 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 f"tunnel ÷ direct {_fmt(ratio(t['rtt_p99_us'], d['rtt_p99_us']))}",
             )
         )
+        relay_cpu = link.get("tunnel_cpu_us_per_round_trip")
+        if relay_cpu:
+            rows.append(
+                Row(
+                    "Link",
+                    f"CPU per {size} B round trip through the tunnel, server end / worker end (+ echo)",
+                    f"{_mm(relay_cpu['server'], 'µs')} / {_mm(relay_cpu['worker'], 'µs')}",
+                )
+            )
         rows.append(
             Row(
                 "Link",

@@ -49,6 +49,13 @@ def _busy_jiffies() -> int:
     return user + nice + system + irq + softirq + steal
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree_jiffies() -> int:
     """CPU time of this process and every live descendant, each with its reaped children."""
     from .procs import cluster  # noqa: PLC0415
