@@ -10,22 +10,6 @@ layers each worker holds without asking llama.cpp.
 from __future__ import annotations
 
 import bisect
-import pathlib
-
-
-def model_block_count(path: pathlib.Path) -> int:
-    """Number of repeating layers (``<arch>.block_count``) in a GGUF file; ValueError if absent."""
-    from gguf import GGUFReader  # noqa: PLC0415 - imports numpy; only the backend needs it
-
-    reader = GGUFReader(str(path), "r")
-    arch_field = reader.get_field("general.architecture")
-    if arch_field is None:
-        raise ValueError(f"{path}: no general.architecture in GGUF metadata")
-    arch = arch_field.contents()
-    field = reader.get_field(f"{arch}.block_count")
-    if field is None:
-        raise ValueError(f"{path}: no {arch}.block_count in GGUF metadata")
-    return int(field.contents())
 
 
 def assign_layers(n_layer: int, weights: list[float], n_gpu_layers: int = -1) -> list[int]:

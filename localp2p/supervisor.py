@@ -34,6 +34,11 @@ RESTART_BACKOFF_MIN = 0.2
 RESTART_BACKOFF_MAX = 10.0
 #: A child that stayed up this long counts as healthy again (backoff resets).
 HEALTHY_AFTER = 30.0
+#: Crashes in a row of a serving backend restarted at once, before the backoff starts: one
+#: crash (a worker lost mid-request, a killed process) is no crash loop, and failing-over
+#: requests wait for it. A backend that fails to start or load waits the backoff (a worker
+#: whose rpc-server broke the load may be restarting it).
+IMMEDIATE_BACKEND_RESTARTS = 1
 #: Seconds a fresh backend process gets to answer Health.
 BACKEND_START_TIMEOUT = 60.0
 #: Seconds a fresh rpc-server gets to answer HELLO.
@@ -50,10 +55,18 @@ DEFAULT_MAX_QUEUE = 64
 #: Seconds a client refused for a full queue is asked to wait before retrying (Retry-After).
 QUEUE_FULL_RETRY_AFTER = 2
 #: Seconds of quiet after a worker-set change before reloading: workers arriving together
-#: cause one reload, not one each.
+#: cause one reload, not one each. Not waited when the set is settled (every known worker
+#: online, nobody attaching): then nobody else is on the way.
 RELOAD_DEBOUNCE = 1.5
 #: Longest a stream of changes can hold a reload back.
 RELOAD_DEBOUNCE_MAX = 5.0
+#: Seconds after a load before a wanted rpc-server it skipped (unreachable at its start: a
+#: worker whose rpc-server was restarting) is probed again; doubling up to the max while it
+#: stays unreachable. One that answers brings a reload that takes it in.
+SKIPPED_PROBE_MIN = 0.5
+SKIPPED_PROBE_MAX = 30.0
+#: Seconds one probe of a skipped rpc-server may take.
+SKIPPED_PROBE_TIMEOUT = 1.0
 #: Seconds between Status polls of the backend while it loads a model (progress).
 LOAD_POLL = 0.5
 #: Seconds between two "loading model" progress lines in the log.
@@ -247,6 +260,8 @@ class WorkerSource(Protocol):
 
     async def wait_changed(self, seen_version: int) -> int: ...
 
+    def settled(self) -> bool: ...
+
     def endpoints(self) -> tuple[str, ...]: ...
 
 
@@ -283,6 +298,12 @@ class BackendSupervisor:
         self._ready = False
         self._ready_changed = trio.Event()
         self._reload = trio.Event()
+        #: Set when a reload is requested that adds an rpc-server the current process lacks.
+        self._joined = trio.Event()
+        #: The rpc-servers the current process was started with (and registered): what its
+        #: loads must name. ``status.rpc_servers`` is what it runs on, which is less once
+        #: servers it skipped as unreachable have left the worker set (see _watch_reload).
+        self._bound: tuple[str, ...] = ()
         self._model_lock = trio.Lock()
         self._in_flight = 0
         self._idle = trio.Event()
@@ -306,10 +327,14 @@ class BackendSupervisor:
         return self.models[model].rpc_servers or self._rpc_servers
 
     def request_reload(self, rpc_servers: Sequence[str]) -> None:
-        """Restart the backend with another list of rpc-servers once in-flight requests end."""
+        """Restart the backend with another list of rpc-servers once in-flight requests end
+        (at once when the process is still loading and the list gained a worker)."""
         self._rpc_servers = tuple(rpc_servers)
-        if self.servers_for(self._target) != self.status.rpc_servers:
+        wanted = self.servers_for(self._target)
+        if wanted != self.status.rpc_servers:
             self._reload.set()
+            if set(wanted) - set(self.status.rpc_servers):
+                self._joined.set()
 
     # -- the process -------------------------------------------------------------------
 
@@ -318,20 +343,26 @@ class BackendSupervisor:
 
         ``task_status.started()`` comes after the first successful model load; failing
         that first start raises StartupError (a bad model must stop `run` with one line).
-        Later crashes are restarted with backoff; a planned reload (drained for a new
-        worker set or model) starts the next process at once and is not a restart.
+        Later crashes are restarted with backoff (see IMMEDIATE_BACKEND_RESTARTS); a
+        planned reload (drained for a new worker set or model) starts the next process at
+        once, is not a restart, and ends a row of crashes (the backoff starts over: a
+        worker lost now and then is no crash loop).
         Cancellation stops the process.
         """
         first = True
         backoff = RESTART_BACKOFF_MIN
+        crashes = 0  # in a row
         with tempfile.TemporaryDirectory(prefix="localp2p-backend-") as tmp:
             socket_path = pathlib.Path(tmp) / "backend.sock"
             while True:
                 up_since = time.monotonic()
+                served = False  # the process crashed after it was ready
                 try:
                     if await self._run_once(socket_path, task_status if first else None):
                         first = False
+                        backoff, crashes = RESTART_BACKOFF_MIN, 0
                         continue
+                    served = True
                 except (ChildExited, BackendError, trio.TooSlowError) as exc:
                     message = str(exc) or type(exc).__name__
                     self.status.last_error = message
@@ -340,33 +371,45 @@ class BackendSupervisor:
                     log.error("backend failed", error=message)
                 first = False
                 self.status.restarts += 1
+                crashes += 1
                 if time.monotonic() - up_since > HEALTHY_AFTER:
-                    backoff = RESTART_BACKOFF_MIN
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+                    backoff, crashes = RESTART_BACKOFF_MIN, 1
+                if not served or crashes > IMMEDIATE_BACKEND_RESTARTS:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
     async def _run_once(self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None) -> bool:
         """One backend process from start to exit; True when it was drained for a reload."""
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
-        self.status.rpc_servers = self.servers_for(self._target)
+        self.status.rpc_servers = self._bound = self.servers_for(self._target)
         env = dict(self._env)
         env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
         self._reload = trio.Event()
+        self._joined = trio.Event()
         self._set_ready(False, "starting")
         process = await start_child(python_module_argv("backends.llama_cpp", "--addr", f"unix:{socket_path}"), env)
         self.status.pid = process.pid
         client = BackendClient(f"unix:{socket_path}")
         try:
-            await self._wait_healthy(process, client)
+            await self._wait_healthy(process, socket_path)
             self._set_ready(False, "loading")
-            await self._load(client, self._target)
+            if task_status is not None:  # the first load: `run` reports ready (or fails) after it
+                await self._load(client, self._target)
+            elif not await self._load_unless_joined(client):
+                log.info(
+                    "a worker joined during the load; reloading at once", rpc_servers=list(self.servers_for(self._target))
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()  # its load is worth nothing now; SIGTERM would wait for it
+                return True
             self._client = client
             self._set_ready(True, "ready")
             if task_status is not None:
                 task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_reload, process, nursery.cancel_scope)
+                nursery.start_soon(self._watch_skipped)
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
             if self.status.state == "draining":
@@ -384,8 +427,27 @@ class BackendSupervisor:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
 
+    def _serves_wanted(self) -> bool:
+        """Whether the running backend already is what a reload would start: the target model
+        on exactly the wanted rpc-servers. It is when the only ones it lacks are those it
+        skipped as unreachable at its start and that have left the wanted list since (a
+        backend restarted after a crash, before the dead worker was dropped from the set)."""
+        if self.status.model != self._target:
+            return False
+        used = tuple(str(d["endpoint"]) for d in self.status.devices if d["used"])
+        return used == self.servers_for(self._target)
+
     async def _watch_reload(self, process: trio.Process, scope: trio.CancelScope) -> None:
-        await self._reload.wait()
+        while True:
+            await self._reload.wait()
+            if not self._serves_wanted():
+                break
+            self.status.rpc_servers = self.servers_for(self._target)
+            log.info(
+                "worker set changed; the backend already runs on exactly these workers",
+                rpc_servers=list(self.servers_for(self._target)),
+            )
+            self._reload = trio.Event()
         log.info("reloading backend", rpc_servers=list(self.status.rpc_servers), in_flight=self._in_flight)
         self._set_ready(False, "draining")
         with trio.move_on_after(DRAIN_TIMEOUT) as drain:
@@ -394,12 +456,78 @@ class BackendSupervisor:
             log.warning("drain timed out; restarting with requests in flight", in_flight=self._in_flight)
         await stop_child(process)
 
-    async def _wait_healthy(self, process: trio.Process, client: BackendClient) -> None:
+    async def _watch_skipped(self) -> None:
+        """Request a reload once a wanted rpc-server that this process skipped answers again.
+
+        A backend started while a worker's rpc-server was down for a moment (restarted by
+        its worker, e.g. after a crash or by the tensor-cache guard) runs without that
+        worker although the worker set still lists it, and nothing else would change
+        that. Probes (HELLO, in a thread) back off while the server stays unreachable;
+        returns when none of the skipped ones is wanted any more (a dead worker dropped
+        from the set) or after requesting the reload. Runs while the process serves.
+        """
+        skipped = [str(d["endpoint"]) for d in self.status.devices if not d["used"] and d["endpoint"] in self._bound]
+        delay = SKIPPED_PROBE_MIN
+        while True:
+            wanted = [e for e in skipped if e in self.servers_for(self._target)]
+            if not wanted:
+                return
+            await trio.sleep(delay)
+            for endpoint in wanted:
+                try:
+                    await trio.to_thread.run_sync(rpc.probe, endpoint, SKIPPED_PROBE_TIMEOUT)
+                except rpc.RPCError:
+                    continue
+                if endpoint in self.servers_for(self._target):
+                    log.info("a skipped rpc-server answers again; reloading to use it", endpoint=endpoint)
+                    self._reload.set()
+                    return
+            delay = min(delay * 2, SKIPPED_PROBE_MAX)
+
+    async def _wait_healthy(self, process: trio.Process, socket_path: pathlib.Path) -> None:
+        """Return once the fresh backend answers Health; ChildExited or TooSlowError otherwise.
+
+        Each try uses its own channel, made once the socket exists: a gRPC channel whose
+        first connection failed waits out a reconnect backoff (about 1 s) before the next,
+        which would delay every backend start by that much.
+        """
         with trio.fail_after(BACKEND_START_TIMEOUT):
-            while not await client.health():
+            while True:
                 if process.returncode is not None:
                     raise ChildExited(f"backend process exited with code {process.returncode} during start-up")
+                if socket_path.exists():
+                    probe = BackendClient(f"unix:{socket_path}")
+                    try:
+                        if await probe.health():
+                            return
+                    finally:
+                        probe.close()
                 await trio.sleep(READY_POLL)
+
+    async def _load_unless_joined(self, client: BackendClient) -> bool:
+        """Load the target model, unless a worker joins meanwhile: then stop and return False.
+
+        A load that leaves out a worker that has just joined would be thrown away by the
+        reload that follows it; the reload starting at once saves the rest of the load.
+        Raises what :meth:`_load` raises.
+        """
+        failed: Exception | None = None
+        with trio.CancelScope() as load_scope:
+            async with trio.open_nursery() as nursery:
+
+                async def preempt() -> None:
+                    await self._joined.wait()
+                    load_scope.cancel()
+
+                nursery.start_soon(preempt)
+                try:
+                    await self._load(client, self._target)
+                except Exception as exc:  # raised outside the nursery, not wrapped in an ExceptionGroup (see _load)
+                    failed = exc
+                nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        return not load_scope.cancelled_caught
 
     async def _load(self, client: BackendClient, name: str) -> None:
         model = self.models[name]
@@ -411,7 +539,7 @@ class BackendSupervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_load, client, name, progress)
             try:
-                result = await client.load_model(model_options(model, self.status.rpc_servers, self._threads))
+                result = await client.load_model(model_options(model, self._bound, self._threads))
             except BackendError as exc:
                 # Raised outside the nursery: from inside it would come out wrapped in an
                 # ExceptionGroup, past run()'s restart (a worker lost mid-load ended the server).
@@ -588,7 +716,7 @@ async def follow_worker_set(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Reload the backend whenever the set of live workers changes, debounced.
+    """Reload the backend whenever the set of live workers changes, debounced unless settled.
 
     The backend gets ``static_servers`` (LLAMACPP_GRPC_SERVERS) followed by the live
     workers' tunnel endpoints. Runs until cancelled.
@@ -598,7 +726,7 @@ async def follow_worker_set(
     while True:
         seen = await workers.wait_changed(seen)
         deadline = trio.current_time() + RELOAD_DEBOUNCE_MAX
-        while trio.current_time() < deadline:
+        while not workers.settled() and trio.current_time() < deadline:
             with trio.move_on_at(min(deadline, trio.current_time() + RELOAD_DEBOUNCE)) as quiet:
                 seen = await workers.wait_changed(seen)
             if quiet.cancelled_caught:

@@ -32,9 +32,13 @@ log = get_logger("workers")
 ATTACH_TIMEOUT = 5.0
 #: Seconds before a peer that failed to attach (or went away) is tried again: short at
 #: first (a worker back from a blip returns quickly), doubling up to the max for a peer
-#: that stays away.
+#: that stays away. The max bounds how long a worker whose link comes back (nothing is
+#: announced then) waits for its next attempt; an attempt costs one dial on the LAN.
 RETRY_MIN = 1.0
-RETRY_MAX = 4.0
+RETRY_MAX = 2.0
+#: Seconds to close a connection that failed an attempt (it may be dead: a link that went
+#: down leaves it open, and new attempts would reuse it instead of dialing afresh).
+HANG_UP_TIMEOUT = 1.0
 #: Seconds before the next ping after one that failed at once (connection refused or
 #: reset: the worker process is likely gone), so a stopped worker is dropped in ~2 s.
 FAST_FAILURE_RETRY = 0.5
@@ -92,6 +96,8 @@ class WorkerSet:
         self._workers: dict[str, Worker] = {}
         self._changed = trio.Event()
         self.version = 0
+        #: Peers not in the set yet whose first attach is under way (the attacher's).
+        self.attaching: set[str] = set()
 
     def get(self, peer_id: str) -> Worker | None:
         return self._workers.get(peer_id)
@@ -109,6 +115,11 @@ class WorkerSet:
     def bytes_sent(self) -> int:
         """Bytes sent to all workers through their tunnels so far (server → workers)."""
         return sum(w.stats.bytes_sent for w in self._workers.values())
+
+    def settled(self) -> bool:
+        """Whether nothing is on its way: every known worker is online (or busy with another
+        server) and no new peer is attaching. A reload need not wait for anyone then."""
+        return not self.attaching and all(w.state in (ONLINE, BUSY) for w in self._workers.values())
 
     def endpoints(self) -> tuple[str, ...]:
         """``LLAMACPP_GRPC_SERVERS`` for the backend: the live workers' tunnel ends, stable order."""
@@ -151,6 +162,8 @@ class WorkerAttacher:
         self._attending: set[str] = set()
         self._known_addrs: dict[str, list[Multiaddr]] = {}
         self._non_workers: set[str] = set()
+        #: Per attended peer: set when discovery announces it again, to end a backoff early.
+        self._announced: dict[str, trio.Event] = {}
 
     async def run(
         self,
@@ -169,45 +182,87 @@ class WorkerAttacher:
                     continue
                 if candidate.addrs:
                     self._known_addrs[key] = list(candidate.addrs)
-                if key in self._attending or key in self._non_workers:
+                if key in self._attending:
+                    # Announced again (a restarted worker, new addresses): a peer waiting
+                    # out a retry backoff tries at once.
+                    self._announced.get(key, trio.Event()).set()
+                    continue
+                if key in self._non_workers:
                     continue
                 self._attending.add(key)
                 nursery.start_soon(self._attend, candidate.peer_id, candidate.source, candidate.name)
 
     async def _attend(self, peer_id: ID, source: str, name: str | None) -> None:
-        """Own one peer for as long as the server runs: attach, watch, re-attach."""
+        """Own one peer for as long as the server runs: attach, watch, re-attach.
+
+        Failed attempts start at most every RETRY_MIN seconds, doubling to RETRY_MAX
+        (an attempt that ran into a timeout has waited already: the time it took counts),
+        and at once when discovery announces the peer again (see :meth:`run`).
+        """
         key = str(peer_id)
         delay = RETRY_MIN
         try:
             while True:
+                self._announced[key] = trio.Event()
+                started = trio.current_time()
                 worker = await self._attach(peer_id, source, name)
                 if worker is None:
                     if key in self._non_workers:
                         return
-                    await trio.sleep(delay)
+                    await self._back_off(key, delay - (trio.current_time() - started))
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 delay = RETRY_MIN
                 await self._serve(peer_id, worker)
-                await trio.sleep(delay)
+                await self._hang_up(peer_id)  # it stopped answering: its connection may be dead
+                self._announced[key] = trio.Event()  # an announcement while it was served is old news
+                await self._back_off(key, delay)
         finally:
             self._attending.discard(key)
+            self._announced.pop(key, None)
+
+    async def _back_off(self, key: str, delay: float) -> None:
+        """Sleep ``delay`` seconds (none if negative), or less when the peer is announced again meanwhile."""
+        with trio.move_on_after(max(0.0, delay)):
+            await self._announced[key].wait()
 
     async def _attach(self, peer_id: ID, source: str, name: str | None) -> Worker | None:
+        """One attempt to connect, authenticate and describe ``peer_id``; None when it failed.
+
+        Attempts are paced by :meth:`_attend`, so py-libp2p's own refusal to re-dial a
+        peer whose last dial failed (its negative cache, 60 s) is lifted first: a
+        worker back from a restart or an unplugged cable is dialed at once. A failed
+        attempt closes the connection it went over, which may be dead. A peer's first
+        attempts count in the set's ``attaching`` while they run.
+        """
+        key = str(peer_id)
+        first = self.workers.get(key) is None
+        if first:
+            self.workers.attaching.add(key)
+        try:
+            return await self._attempt(peer_id, source, name)
+        finally:
+            if first:
+                self.workers.attaching.discard(key)
+
+    async def _attempt(self, peer_id: ID, source: str, name: str | None) -> Worker | None:
         key = str(peer_id)
         addrs = self._known_addrs.get(key, [])
+        self._forget_dial_failure(peer_id)
         try:
             with trio.fail_after(ATTACH_TIMEOUT):
                 await self.node.connect(PeerInfo(peer_id, addrs))
                 hello = await self.gate.authenticate(self.node, peer_id)
         except AuthError as exc:
             log.warning("peer refused: token proof failed", peer_id=key, reason=str(exc))
+            await self._hang_up(peer_id)
             return None
         except Exception as exc:  # unreachable, timed out, connection reset ...
             log.debug("cannot reach peer", peer_id=key, error=f"{type(exc).__name__}: {exc}")
             worker = self.workers.get(key)
             if worker is not None:
                 self.workers.set_state(worker, OFFLINE)
+            await self._hang_up(peer_id)
             return None
         if hello.role != "worker":
             self._non_workers.add(key)
@@ -221,6 +276,20 @@ class WorkerAttacher:
         worker.rpc_protocol = str(hello.extra.get("rpc_protocol", ""))
         worker.last_seen = time.time()
         return worker
+
+    def _forget_dial_failure(self, peer_id: ID) -> None:
+        """Let the next dial to ``peer_id`` happen even if the last one failed (py-libp2p's negative cache)."""
+        unblock = getattr(self.node.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer_id)
+
+    async def _hang_up(self, peer_id: ID) -> None:
+        """Close our connections to ``peer_id`` (bounded; a failure to close is ignored)."""
+        with trio.move_on_after(HANG_UP_TIMEOUT):
+            try:
+                await self.node.disconnect(peer_id)
+            except Exception as exc:  # already closed, reset under us ...
+                log.debug("cannot close connection", peer_id=str(peer_id), error=f"{type(exc).__name__}: {exc}")
 
     async def _serve(self, peer_id: ID, worker: Worker) -> None:
         """Tunnel and ping one attached worker until it stops answering."""

@@ -197,6 +197,16 @@ class StreamRun(threading.Thread):
         self.fault_point = threading.Event()
         self.failure: str | None = None
         self.ended_at: float | None = None
+        self.arrivals: list[float] = []  # time.monotonic() of each event
+
+    def resumed_after(self, fault_at: float) -> float | None:
+        """Seconds from ``fault_at`` to the event that ended the longest pause after it
+        (the stream's recovery from the fault), or None when nothing came after it."""
+        times = [fault_at] + [t for t in self.arrivals if t > fault_at]
+        if len(times) < 2:
+            return None
+        gap_end = max(range(1, len(times)), key=lambda i: times[i] - times[i - 1])
+        return times[gap_end] - fault_at
 
     def text(self) -> str:
         parts = []
@@ -222,6 +232,7 @@ class StreamRun(threading.Thread):
                             continue
                         data = line[len("data: ") :]
                         self.events.append(data if data == "[DONE]" else json.loads(data))
+                        self.arrivals.append(time.monotonic())
                         chunks += 1
                         if chunks >= TOKENS_BEFORE_FAULT:
                             self.fault_point.set()
@@ -319,6 +330,11 @@ def test_backend_killed_under_load(cluster: Cluster) -> None:
     run, mid_stream = _stream_with_fault(c, kill)
     assert mid_stream, "the backend was killed after the stream ended"
     assert c.server.proc.popen.poll() is None, "the server died with its backend"
+    resumed = run.resumed_after(killed_at)
+    if resumed is not None:  # the stream going on again: the backend is back on both workers
+        c.recovery["b_backend_kill_stream_resumed"] = resumed
+    # The next request goes out once the stream has ended: "first answer" includes the rest
+    # of the interrupted generation (about 155 tokens) besides the recovery.
     text, _ = _answer_eventually(c.server)
     c.recovery["b_backend_kill_first_answer"] = time.monotonic() - killed_at
     c.all_workers()
@@ -326,7 +342,7 @@ def test_backend_killed_under_load(cluster: Cluster) -> None:
     assert text == c.reference["short"]
     assert c.server.status()["backend"]["pid"] != pid
     print(f"\n(b) stream after the kill: failure={run.failure} errors={run.errors()[:1]} done={run.events[-1:] == ['[DONE]']} "
-          f"same_text={run.text() == c.reference['story']}; "
+          f"same_text={run.text() == c.reference['story']}; resumed {'never' if resumed is None else f'{resumed:.1f}s'} after the kill; "
           f"first answer {c.recovery['b_backend_kill_first_answer']:.1f}s, all workers {c.recovery['b_backend_kill_all_workers']:.1f}s")
     _assert_continued(run, c.reference["story"], mid_stream)  # failover covers a dead backend too
 

@@ -28,7 +28,7 @@ from localp2p import rpc
 from localp2p._proto import backend_pb2 as pb
 from localp2p._proto import backend_pb2_grpc as pb_grpc
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
-from localp2p.layers import assign_layers, model_block_count
+from localp2p.layers import assign_layers
 
 from .continuation import tracked_generation
 
@@ -279,15 +279,11 @@ class LlamaBackend(pb_grpc.BackendServicer):
 
         model_file = pathlib.Path(request.ModelFile)
         used = [d for d in self.state.devices if d.used]
-        n_layer = model_block_count(model_file)
         n_gpu_layers = (request.NGPULayers if request.NGPULayers > 0 else -1) if used else 0
         split = list(request.TensorSplit)
         if split and len(split) != len(used):
             bound.warning("tensor_split ignored: it names a different number of devices", split=split, devices=len(used))
             split = []
-        for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers)):
-            device.layers = layers
-        on_workers = sum(d.layers for d in used)
         keep_output = bool(used) and not request.OffloadOutput
         started = time.monotonic()
         with output_layer_on_host(keep_output), report_load_progress(self.state):
@@ -305,6 +301,13 @@ class LlamaBackend(pb_grpc.BackendServicer):
                 op_offload=False,  # never ship host-resident weights to a worker per batch
                 verbose=False,
             )
+        # The layer count comes from the loaded model: reading it before the load with
+        # gguf's GGUFReader maps every tensor and the whole vocabulary (seconds per load,
+        # on every reload and every failover).
+        n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+        for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers)):
+            device.layers = layers
+        on_workers = sum(d.layers for d in used)
         requested_ctx, n_ctx = request.ContextSize or 2048, int(llm.n_ctx())
         if n_ctx != requested_ctx:  # llama.cpp rounds the context up (to a multiple of 256)
             bound.warning("context size adjusted by llama.cpp", context_size=requested_ctx, effective=n_ctx)
