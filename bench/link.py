@@ -124,9 +124,10 @@ def run(procs: Procs, plan: LinkPlan, log: Any = print) -> dict[str, Any]:
                     if rep < plan.bulk_reps:
                         bulk[path].append(bulk_mb_s(port, plan.bulk_bytes))
                     if rep < plan.rtt_reps:
-                        before = {end: process_cpu_s(pid) for end, pid in pids.items()}
+                        tunnel = path == "tunnel"
+                        before = {end: process_cpu_s(pid) for end, pid in pids.items()} if tunnel else {}
                         sample = round_trips_us(port, plan.rtt_messages, plan.message_size)
-                        if path == "tunnel":
+                        if tunnel:
                             for end, pid in pids.items():
                                 cpu_us[end].append((process_cpu_s(pid) - before[end]) * 1e6 / len(sample))
                         rtts[path].extend(sample)

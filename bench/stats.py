@@ -49,11 +49,18 @@ def _busy_jiffies() -> int:
     return user + nice + system + irq + softirq + steal
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) one process has used so far, from /proc/<pid>/stat."""
+def _cpu_jiffies(pid: int) -> tuple[int, int, int, int]:
+    """utime, stime, cutime, cstime of one process, from /proc/<pid>/stat (OSError if gone)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return utime, stime, cutime, cstime
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far."""
+    utime, stime, _, _ = _cpu_jiffies(pid)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def _tree_jiffies() -> int:
@@ -63,11 +70,9 @@ def _tree_jiffies() -> int:
     total = 0
     for pid in [os.getpid(), *cluster.descendants(os.getpid())]:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(_cpu_jiffies(pid))  # with its reaped children
         except OSError:
             continue
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total
 
 
