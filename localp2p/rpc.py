@@ -31,9 +31,18 @@ from dataclasses import dataclass
 #: A server with another major version, or a newer minor one, is refused by llama.cpp.
 PROTOCOL_VERSION = (7, 0, 0)
 
+RPC_CMD_SET_TENSOR = 6
+RPC_CMD_GRAPH_COMPUTE = 10
 RPC_CMD_GET_DEVICE_MEMORY = 11
 RPC_CMD_HELLO = 14
 RPC_CMD_DEVICE_COUNT = 15
+RPC_CMD_GRAPH_RECOMPUTE = 16
+#: Requests the server never answers (protocol v7): the client sends them and goes on.
+#: Per generated token llama.cpp sends a few of these to each worker, then one GET_TENSOR
+#: that it waits for.
+UNANSWERED_COMMANDS = frozenset({RPC_CMD_SET_TENSOR, RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE})
+#: A length no ggml-RPC message has (weights go in many messages): the bytes are not ggml-RPC.
+MAX_MESSAGE = 1 << 40
 #: Size of the transport-capability block in HELLO (transport.h); all zero means plain TCP.
 CONN_CAPS_SIZE = 24
 #: Guards against a peer that is not an rpc-server answering with a huge length.
@@ -76,6 +85,54 @@ class ServerInfo:
     @property
     def memory_total(self) -> int:
         return sum(d.total for d in self.devices)
+
+
+class MessageBoundaries:
+    """Where ggml-RPC messages end, in one direction of one connection.
+
+    ``requests=True`` reads the client's side (``| cmd | size | payload |``), False the
+    server's replies (``| size | payload |``). Feed it every chunk, in order;
+    :meth:`feed` says whether the bytes so far end with a message somebody waits for:
+    a request the server answers, or any reply. That is where a relay must pass on what
+    it holds; up to there it may gather bytes into one write. Owns only its parse state.
+
+    :raises ValueError: (from :meth:`feed`) on a length no ggml-RPC message has; the
+        stream is something else, and the caller should stop reading it as ggml-RPC.
+    """
+
+    __slots__ = ("_header", "_header_size", "_left", "_cmd", "_requests")
+
+    def __init__(self, *, requests: bool) -> None:
+        self._requests = requests
+        self._header_size = 9 if requests else 8
+        self._header = bytearray()
+        self._left = 0  # payload bytes of the current message still to come
+        self._cmd = -1
+
+    def feed(self, data: bytes) -> bool:
+        """Account for ``data``; True if it ends a message that is waited for."""
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                take = min(self._left, n - i)
+                self._left -= take
+                i += take
+                continue
+            need = self._header_size - len(self._header)
+            self._header += data[i : i + need]
+            i += need
+            if len(self._header) < self._header_size:
+                break
+            if self._requests:
+                self._cmd, self._left = struct.unpack("<BQ", self._header)
+            else:
+                (self._left,) = struct.unpack("<Q", self._header)
+            self._header.clear()
+            if self._left > MAX_MESSAGE:
+                raise ValueError(f"a {self._left}-byte message is not ggml-RPC")
+        if self._left or self._header:
+            return False
+        return not self._requests or self._cmd not in UNANSWERED_COMMANDS
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

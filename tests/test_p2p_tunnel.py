@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -644,6 +645,91 @@ def test_tunnel_one_server_at_a_time() -> None:
                     # release() hands the worker back explicitly
                     admission.release(s2.peer_id)
                     assert admission.owner is None
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class RecordingRpcServer:
+    """Stands in for an rpc-server: answers HELLO and GET_TENSOR, records each TCP read.
+
+    ``reads`` holds what every ``receive_some`` after HELLO returned, so a test can
+    see how the tunnel's worker end delivered a burst (one send per libp2p frame).
+    ``got`` is set whenever new bytes arrive.
+    """
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.got = trio.Event()
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        hello = b""
+        while len(hello) < 9 + rpc.CONN_CAPS_SIZE:
+            hello += await stream.receive_some(9 + rpc.CONN_CAPS_SIZE - len(hello))
+        # the reply in two sends, as the real server writes size and payload
+        await stream.send_all(struct.pack("<Q", 4 + rpc.CONN_CAPS_SIZE))
+        await trio.sleep(0.01)
+        await stream.send_all(bytes([7, 0, 0, 0]) + bytes(rpc.CONN_CAPS_SIZE))
+        boundaries = rpc.MessageBoundaries(requests=True)
+        while data := await stream.receive_some(1 << 20):
+            self.reads.append(data)
+            self.got.set()
+            if boundaries.feed(data):  # a GET_TENSOR: answer 16 bytes, again in two sends
+                await stream.send_all(struct.pack("<Q", 16))
+                await trio.sleep(0.01)
+                await stream.send_all(b"t" * 16)
+
+
+def _request(cmd: int, payload: bytes) -> bytes:
+    return struct.pack("<BQ", cmd, len(payload)) + payload
+
+
+def test_tunnel_sends_each_rpc_burst_as_one_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unanswered requests wait for the one that is answered; replies travel whole; nothing is stuck."""
+    from localp2p.p2p import tunnel as tunnel_mod
+
+    monkeypatch.setattr(tunnel_mod, "HOLD_TIMEOUT", 0.5)  # the client below pauses 20 ms between sends
+    token = NetworkToken.generate()
+    set_tensor = _request(rpc.RPC_CMD_SET_TENSOR, b"s" * 300)
+    compute = _request(rpc.RPC_CMD_GRAPH_RECOMPUTE, b"\x00" * 4)
+    get_tensor = _request(8, b"g" * 40)  # GET_TENSOR: answered
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            server = RecordingRpcServer()
+            async with trio.open_nursery() as nursery:
+                rpc_port = await nursery.start(server.run)
+                async with worker_with_tunnel(token, f"127.0.0.1:{rpc_port}") as (w, _g, _a), gated_node(
+                    token, "server", "srv"
+                ) as (s, s_gate):
+                    await s.connect(w.peer_info)
+                    await s_gate.authenticate(s, w.peer_id)
+                    stats = TunnelStats()
+                    port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+                    client = await trio.open_tcp_stream("127.0.0.1", port)
+                    async with client:
+                        await client.send_all(_request(rpc.RPC_CMD_HELLO, bytes(rpc.CONN_CAPS_SIZE)))
+                        # the reply came in two sends with a pause: it arrives in one read
+                        assert len(await client.receive_some(1 << 16)) == 8 + 4 + rpc.CONN_CAPS_SIZE
+                        burst = [set_tensor, set_tensor, compute, get_tensor[:5], get_tensor[5:]]
+                        for part in burst:
+                            await client.send_all(part)
+                            await trio.sleep(0.02)
+                        reply = await client.receive_some(1 << 16)
+                        assert reply == struct.pack("<Q", 16) + b"t" * 16
+                        # the worker end wrote the whole burst at once: one read at the rpc-server
+                        assert server.reads == [b"".join(burst)]
+                        # an unanswered request with nothing after it still goes, after HOLD_TIMEOUT
+                        server.got = trio.Event()
+                        await client.send_all(set_tensor)
+                        await server.got.wait()
+                        assert server.reads[-1] == set_tensor
+                        assert stats.bytes_sent == 9 + rpc.CONN_CAPS_SIZE + len(b"".join(burst)) + len(set_tensor)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -23,7 +23,15 @@ Relay (:func:`relay`, shared by both sides): one task per direction, reads of
 up to :data:`RELAY_CHUNK`, each write awaited before the next read
 (back-pressure end to end). Both directions are drained concurrently at all
 times: py-libp2p's Yamux writer gives up after 5 s on a zero window, so a
-direction that stopped reading would kill the other side's writes. An EOF in one
+direction that stopped reading would kill the other side's writes. When the
+connection speaks ggml-RPC (its first request is HELLO), the TCP -> libp2p
+direction sends each burst as one frame: the server end holds requests the
+rpc-server never answers (SET_TENSOR, GRAPH_COMPUTE...) until the request that
+is waited for, the worker end holds a reply until it is whole
+(:class:`~localp2p.rpc.MessageBoundaries`), never longer than
+:data:`HOLD_TIMEOUT`. Per generated token that is one frame each way per worker
+instead of five or six: every frame costs both ends Python time in Noise and
+Yamux, on the token's critical path. An EOF in one
 direction is passed on as a half-close (TCP ``shutdown(SHUT_WR)`` / Yamux FIN);
 an error in either direction tears both down (stream reset, socket closed).
 Writes to the libp2p stream are shielded from cancellation
@@ -46,7 +54,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from localp2p.logs import get_logger
-from localp2p.rpc import parse_endpoint
+from localp2p.rpc import RPC_CMD_HELLO, MessageBoundaries, parse_endpoint
 
 from .auth import AuthGate, Role, shielded_write
 from .node import P2PNode, StreamHandler, remote_peer_id
@@ -72,6 +80,13 @@ TUNNEL_PROTOCOL = "/localp2p/rpc-tunnel/1.0.0"
 #: Bytes per read in the relay: large reads keep the per-chunk Python overhead
 #: (Noise + Yamux framing are pure-Python-driven) small relative to the data.
 RELAY_CHUNK = 256 * 1024
+#: Seconds bytes held back for the rest of a burst wait before they go anyway. llama.cpp
+#: sends a token's burst (a few unanswered requests, then one it waits for) within about
+#: half a millisecond; this only matters if it ever stops half-way.
+HOLD_TIMEOUT = 0.002
+#: Bytes a burst is gathered up to. Bigger reads (weights, during a load) go as they
+#: are read: copying them into one frame would cost more than the frames it saves.
+GATHER_LIMIT = 64 * 1024
 #: Admission replies (one byte, worker → server, before any relayed data).
 ADMIT_OK = 0
 ADMIT_BUSY = 1
@@ -140,14 +155,50 @@ async def relay(
     stats.connections_open += 1
     failed: list[str] = []
 
+    # ggml-RPC or not is decided by the first request byte (HELLO, which an rpc-server
+    # insists on): then the TCP -> libp2p direction sends each burst as one frame.
+    speaks_rpc: list[bool] = []
+
+    async def pass_on(data: bytes | bytearray) -> None:
+        await shielded_write(p2p_stream, bytes(data))  # never cancelled half-way
+        setattr(stats, count_up, getattr(stats, count_up) + len(data))
+
     async def tcp_to_p2p(cancel: trio.CancelScope) -> None:
+        boundaries: MessageBoundaries | None = None
+        held = bytearray()  # the start of a burst, waiting for the message that ends it
         try:
             while True:
-                data = await tcp_stream.receive_some(RELAY_CHUNK)
+                if held:
+                    data = None
+                    with trio.move_on_after(HOLD_TIMEOUT):  # receive_some is cancel-safe
+                        data = await tcp_stream.receive_some(RELAY_CHUNK)
+                    if data is None:  # the burst stopped half-way: pass on what there is
+                        await pass_on(held)
+                        held.clear()
+                        continue
+                else:
+                    data = await tcp_stream.receive_some(RELAY_CHUNK)
                 if not data:
                     break
-                await shielded_write(p2p_stream, data)  # never cancelled half-way
-                setattr(stats, count_up, getattr(stats, count_up) + len(data))
+                if side == "server" and not speaks_rpc:
+                    speaks_rpc.append(data[0] == RPC_CMD_HELLO)
+                if boundaries is None and speaks_rpc and speaks_rpc[0]:
+                    boundaries = MessageBoundaries(requests=side == "server")
+                ends_burst = True
+                if boundaries is not None:
+                    try:
+                        ends_burst = boundaries.feed(data)
+                    except ValueError:  # not ggml-RPC after all: relay as read from now on
+                        speaks_rpc[0], boundaries = False, None
+                if not held and (ends_burst or len(data) >= GATHER_LIMIT):
+                    await pass_on(data)
+                    continue
+                held += data
+                if ends_burst or len(held) >= GATHER_LIMIT:
+                    await pass_on(held)
+                    held.clear()
+            if held:
+                await pass_on(held)
             with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_TIMEOUT):
                 await p2p_stream.close_write()  # a FIN frame: also a write
         except Exception as exc:  # Broken/ClosedResourceError, StreamReset/Closed/Error
@@ -163,6 +214,8 @@ async def relay(
                     break
                 if not data:
                     break
+                if side == "worker" and not speaks_rpc:
+                    speaks_rpc.append(data[0] == RPC_CMD_HELLO)
                 await tcp_stream.send_all(data)
                 setattr(stats, count_down, getattr(stats, count_down) + len(data))
             await tcp_stream.send_eof()
