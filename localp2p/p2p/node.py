@@ -65,6 +65,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.address_validation import get_available_interfaces
 
+from . import hotpath
+
 
 class _StdlibKVLogger:
     """Minimal structlog-like facade over :mod:`logging` (fallback only)."""
@@ -417,6 +419,7 @@ def _install_yamux_fix() -> None:
 
 
 _install_yamux_fix()
+hotpath.install()
 
 
 def strip_p2p(addr: Multiaddr) -> Multiaddr:
