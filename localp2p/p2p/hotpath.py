@@ -39,77 +39,62 @@ __all__ = ["READ_AHEAD", "FreeLock", "FreeSemaphore", "install"]
 READ_AHEAD = 64 * 1024
 
 
-class FreeLock:
+class _FreeAcquire:
+    """The shared fast path: take a free unit at once, else wait in trio's own primitive."""
+
+    __slots__ = ("_inner",)
+    _inner: Any  # trio.Lock or trio.Semaphore
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._inner.acquire_nowait()  # refuses when taken or when others wait
+        except trio.WouldBlock:
+            await self._inner.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._inner.acquire_nowait()
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def statistics(self) -> Any:
+        return self._inner.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FreeLock(_FreeAcquire):
     """A trio lock whose acquire does not yield when the lock is free.
 
     Same contract as :class:`trio.Lock` otherwise (owner-only release, FIFO among
     waiters, ``Cancelled`` raised on acquire in a cancelled scope). Wraps one.
     """
 
-    __slots__ = ("_lock",)
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()  # refuses when held or when others wait
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
+        self._inner = trio.Lock()
 
     def locked(self) -> bool:
-        return self._lock.locked()
-
-    def statistics(self) -> Any:
-        return self._lock.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
+        return bool(self._inner.locked())
 
 
-class FreeSemaphore:
+class FreeSemaphore(_FreeAcquire):
     """A trio semaphore whose acquire does not yield when a unit is free (any task may release)."""
 
-    __slots__ = ("_semaphore",)
+    __slots__ = ()
 
     def __init__(self, initial_value: int) -> None:
-        self._semaphore = trio.Semaphore(initial_value)
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._semaphore.acquire_nowait()
-        except trio.WouldBlock:
-            await self._semaphore.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._semaphore.acquire_nowait()
-
-    def release(self) -> None:
-        self._semaphore.release()
+        self._inner = trio.Semaphore(initial_value)
 
     @property
     def value(self) -> int:
-        return self._semaphore.value
-
-    def statistics(self) -> Any:
-        return self._semaphore.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
+        return int(self._inner.value)
 
 
 def _take(buffered: bytearray, n: int | None) -> bytes:
