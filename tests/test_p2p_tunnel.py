@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -402,6 +403,32 @@ async def worker_with_tunnel(
         yield w, w_gate, admission
 
 
+@dataclass
+class Tunnelled:
+    """A server node tunnelling to a worker's rpc endpoint (see :func:`tunnel_to`)."""
+
+    port: int  # the server end's TCP listener: connect here to reach the rpc endpoint
+    stats: TunnelStats  # the server end's counters
+    server: P2PNode
+    worker: P2PNode
+    admission: Admission  # the worker's
+
+
+@asynccontextmanager
+async def tunnel_to(
+    token: NetworkToken, rpc_endpoint: str, nursery: trio.Nursery, close_timeout: float = 10.0
+) -> AsyncIterator[Tunnelled]:
+    """A worker serving ``rpc_endpoint`` and an authenticated server with a tunnel to it (in ``nursery``)."""
+    async with worker_with_tunnel(token, rpc_endpoint, close_timeout) as (w, _g, admission), gated_node(
+        token, "server", "srv", close_timeout
+    ) as (s, s_gate):
+        await s.connect(w.peer_info)
+        await s_gate.authenticate(s, w.peer_id)
+        stats = TunnelStats()
+        port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+        yield Tunnelled(port, stats, s, w, admission)
+
+
 @pytest.fixture
 def rpc_server() -> Any:
     port = rpc.free_port()
@@ -433,13 +460,8 @@ def test_tunnel_to_real_rpc_server(rpc_server: tuple[str, rpc.ServerInfo]) -> No
 
     async def main() -> None:
         with trio.fail_after(30):
-            async with worker_with_tunnel(token, endpoint) as (w, _w_gate, admission), gated_node(
-                token, "server", "srv"
-            ) as (s, s_gate), trio.open_nursery() as nursery:
-                await s.connect(w.peer_info)
-                await s_gate.authenticate(s, w.peer_id)
-                stats = TunnelStats()
-                port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+            async with trio.open_nursery() as nursery, tunnel_to(token, endpoint, nursery) as t:
+                port, stats, s, admission = t.port, t.stats, t.server, t.admission
                 info = await trio.to_thread.run_sync(rpc.probe, f"127.0.0.1:{port}")
                 assert info.version == (7, 0, 0) == rpc.PROTOCOL_VERSION
                 assert info.memory_total == direct.memory_total > 0
@@ -471,13 +493,8 @@ def test_tunnel_bulk_32mb_echo(capsys: pytest.CaptureFixture[str]) -> None:
             echo = EchoServer()
             async with trio.open_nursery() as nursery:
                 echo_port = await nursery.start(echo.run)
-                async with worker_with_tunnel(token, f"127.0.0.1:{echo_port}") as (w, _g, admission), gated_node(
-                    token, "server", "srv"
-                ) as (s, s_gate):
-                    await s.connect(w.peer_info)
-                    await s_gate.authenticate(s, w.peer_id)
-                    stats = TunnelStats()
-                    port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+                async with tunnel_to(token, f"127.0.0.1:{echo_port}", nursery) as t:
+                    port, stats, s, admission = t.port, t.stats, t.server, t.admission
                     started = time.perf_counter()
                     echoed = await tcp_echo_roundtrip(port, payload)
                     elapsed = time.perf_counter() - started
@@ -522,12 +539,8 @@ def test_tunnel_duplex_with_yamux_pings() -> None:
             async with trio.open_nursery() as nursery:
                 echo_port = await nursery.start(echo.run)
                 # a deadlocked connection cannot close gracefully: don't wait 10 s for it
-                async with worker_with_tunnel(token, f"127.0.0.1:{echo_port}", 1.0) as (w, _g, _a), gated_node(
-                    token, "server", "srv", 1.0
-                ) as (s, s_gate):
-                    await s.connect(w.peer_info)
-                    await s_gate.authenticate(s, w.peer_id)
-                    port = await nursery.start(serve_tunnel, s, w.peer_id, TunnelStats())
+                async with tunnel_to(token, f"127.0.0.1:{echo_port}", nursery, close_timeout=1.0) as t:
+                    port, s, w = t.port, t.server, t.worker
 
                     async def pinger(mux: Any) -> None:
                         for i in range(1_000_000):
@@ -704,13 +717,8 @@ def test_tunnel_sends_each_rpc_burst_as_one_frame(monkeypatch: pytest.MonkeyPatc
             server = RecordingRpcServer()
             async with trio.open_nursery() as nursery:
                 rpc_port = await nursery.start(server.run)
-                async with worker_with_tunnel(token, f"127.0.0.1:{rpc_port}") as (w, _g, _a), gated_node(
-                    token, "server", "srv"
-                ) as (s, s_gate):
-                    await s.connect(w.peer_info)
-                    await s_gate.authenticate(s, w.peer_id)
-                    stats = TunnelStats()
-                    port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+                async with tunnel_to(token, f"127.0.0.1:{rpc_port}", nursery) as t:
+                    port, stats = t.port, t.stats
                     client = await trio.open_tcp_stream("127.0.0.1", port)
                     async with client:
                         await client.send_all(_request(rpc.RPC_CMD_HELLO, bytes(rpc.CONN_CAPS_SIZE)))
