@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from localp2p.rpc import recv_exact
 from localp2p.token import NetworkToken
 
 from .procs import Procs
@@ -40,23 +41,13 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        data = sock.recv(n - len(buf))
-        if not data:
-            raise ConnectionError("connection closed early")
-        buf += data
-    return bytes(buf)
-
-
 def bulk_mb_s(port: int, size: int) -> float:
     """Send ``size`` bytes one way and wait for the one-byte ack; MB/s (10^6 bytes)."""
     chunk = memoryview(bytes(1 << 20))
     with _connect(port) as sock:
         sock.sendall(b"E")  # a first echo round trip: the tunnel is admitted and warm
         sock.sendall(b"x")
-        _recv_exactly(sock, 1)
+        recv_exact(sock, 1)
     with _connect(port) as sock:
         sock.sendall(b"S" + struct.pack("<Q", size))
         started = time.perf_counter()
@@ -65,7 +56,7 @@ def bulk_mb_s(port: int, size: int) -> float:
             n = min(left, len(chunk))
             sock.sendall(chunk[:n])
             left -= n
-        if _recv_exactly(sock, 1) != b"K":
+        if recv_exact(sock, 1) != b"K":
             raise ConnectionError("bad ack")
         return size / (time.perf_counter() - started) / MB
 
@@ -79,11 +70,11 @@ def round_trips_us(port: int, messages: int, size: int) -> list[float]:
         sock.sendall(b"E")
         for _ in range(50):  # warm-up
             sock.sendall(payload)
-            _recv_exactly(sock, size)
+            recv_exact(sock, size)
         for _ in range(messages):
             started = time.perf_counter()
             sock.sendall(payload)
-            _recv_exactly(sock, size)
+            recv_exact(sock, size)
             out.append((time.perf_counter() - started) * 1e6)
     return out
 
@@ -93,7 +84,7 @@ def connect_ms(port: int) -> float:
     started = time.perf_counter()
     with _connect(port) as sock:
         sock.sendall(b"Ex")
-        _recv_exactly(sock, 1)
+        recv_exact(sock, 1)
         return (time.perf_counter() - started) * 1000
 
 

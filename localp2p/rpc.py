@@ -148,7 +148,8 @@ def version_compatible(version: tuple[int, int, int]) -> bool:
     return version[0] == PROTOCOL_VERSION[0] and version[1] <= PROTOCOL_VERSION[1]
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Read exactly ``n`` bytes from a blocking socket; :class:`RPCError` if it closes first."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -160,10 +161,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def _command(sock: socket.socket, cmd: int, payload: bytes) -> bytes:
     sock.sendall(struct.pack("<BQ", cmd, len(payload)) + payload)
-    (size,) = struct.unpack("<Q", _recv_exact(sock, 8))
+    (size,) = struct.unpack("<Q", recv_exact(sock, 8))
     if size > MAX_REPLY:
         raise RPCError(f"reply of {size} bytes to command {cmd}: not an rpc-server")
-    return _recv_exact(sock, size)
+    return recv_exact(sock, size)
 
 
 def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> ServerInfo:
