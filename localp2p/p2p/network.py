@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from libp2p.crypto.keys import KeyPair
 from multiaddr import Multiaddr
 
 from localp2p.errors import StartupError
@@ -23,7 +24,7 @@ from localp2p.logs import get_logger, quiet_libp2p_logging
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.dht import NodeDHT, run_dht
 from localp2p.p2p.discovery import Candidate, add_dht_peer, run_dht_discovery, run_mdns
-from localp2p.p2p.node import P2PNode, load_or_create_identity, serve_node
+from localp2p.p2p.node import IdentityClaim, P2PNode, claim_identity, serve_node
 from localp2p.token import NetworkToken
 
 log = get_logger("p2p")
@@ -73,11 +74,17 @@ class Network:
         }
 
 
-def load_identity(state_dir: pathlib.Path, role: str) -> Any:
-    """This node's persistent Ed25519 key; a state dir we cannot use is a StartupError."""
+def load_identity(state_dir: pathlib.Path, role: str) -> IdentityClaim:
+    """Claim this node's persistent Ed25519 key (``<role>-identity.key`` in ``state_dir``).
+
+    The claim locks the file for as long as it is held (release it when the node
+    stops); if another live process of this role holds it, a separate identity file
+    in the same dir is claimed instead (see :func:`~localp2p.p2p.node.claim_identity`),
+    so two processes never share a peer id. A state dir we cannot use is a StartupError.
+    """
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        return load_or_create_identity(state_dir / f"{role}-identity.key")
+        return claim_identity(state_dir / f"{role}-identity.key")
     except PermissionError as exc:
         raise StartupError(f"state dir {state_dir} is not writable: {exc.strerror}") from None
     except (OSError, ValueError) as exc:
@@ -109,11 +116,38 @@ async def run_network(
     searches for them instead. mDNS both announces and browses. ``install_handlers``
     registers the caller's protocols before discovery starts, so a peer that finds
     us at once never meets a node without them. Raises StartupError for an unusable
-    state dir, bad listen or bootstrap addresses, or a port in use.
+    state dir, bad listen or bootstrap addresses, or a port in use. The identity
+    file stays locked until this returns (or the process dies).
     """
-    key_pair = load_identity(settings.state_dir, role)
-    listen = _parse_multiaddrs(settings.listen, "--p2p-listen")
-    bootstrap = _parse_multiaddrs(settings.bootstrap, "--p2p-bootstrap")
+    with load_identity(settings.state_dir, role) as identity:
+        listen = _parse_multiaddrs(settings.listen, "--p2p-listen")
+        bootstrap = _parse_multiaddrs(settings.bootstrap, "--p2p-bootstrap")
+        await _run_network(
+            settings,
+            identity.key_pair,
+            role=role,
+            hello=hello,
+            advertise=advertise,
+            install_handlers=install_handlers,
+            bootstrap=bootstrap,
+            listen=listen,
+            task_status=task_status,
+        )
+
+
+async def _run_network(
+    settings: P2PSettings,
+    key_pair: KeyPair,
+    *,
+    role: str,
+    hello: dict[str, Any],
+    advertise: bool,
+    install_handlers: Callable[[P2PNode, AuthGate], None] | None,
+    bootstrap: list[Multiaddr],
+    listen: list[Multiaddr],
+    task_status: trio.TaskStatus[Network],
+) -> None:
+    """:func:`run_network`'s body, run while the identity ``key_pair`` is claimed."""
     token = settings.token
     send, receive = trio.open_memory_channel[Candidate](CANDIDATE_BUFFER)
     async with trio.open_nursery() as nursery:

@@ -3,7 +3,9 @@
 What this module adds on top of ``libp2p.new_host``:
 
 * **Persistent Ed25519 identity** (:func:`load_or_create_identity`), written
-  atomically with mode 0600, so a restarted process keeps its peer id.
+  atomically with mode 0600, so a restarted process keeps its peer id;
+  :func:`claim_identity` also locks it (``flock``) so a second live process
+  sharing the state dir gets its own identity file instead of the same peer id.
 * **Noise-only security, Yamux-only muxing, TCP-only transport.**  The
   default ``new_host()`` offers ``/noise``, ``/tls/1.0.0``, ``/secio/1.0.0``
   *and* ``/plaintext/2.0.0`` (and Mplex as a muxer fallback); we pass explicit
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -42,7 +45,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import trio
 from multiaddr import Multiaddr
@@ -112,6 +115,9 @@ __all__ = [
     "PeerLogLimiter",
     "StreamHandler",
     "P2PNode",
+    "IdentityClaim",
+    "claim_identity",
+    "identity_slot_path",
     "load_or_create_identity",
     "open_node",
     "serve_node",
@@ -149,6 +155,11 @@ YAMUX_RELEASE_ON_READ_ENV = "PY_YAMUX_RELEASE_ON_READ"
 #: Peers remembered by :class:`PeerLogLimiter`; the oldest are forgotten so
 #: peer-id churn cannot grow memory without bound.
 PEER_LOG_TRACK_MAX = 1024
+#: Identity files :func:`claim_identity` tries per key path: one per process of one
+#: role sharing a state dir; far more than one machine runs, small enough to fail fast.
+IDENTITY_SLOTS = 64
+#: Times :func:`claim_identity` re-opens a file that was replaced while it locked it.
+IDENTITY_CLAIM_RETRIES = 5
 
 
 # --------------------------------------------------------------------------
@@ -184,41 +195,34 @@ def _decode_identity(data: bytes, path: Path) -> KeyPair:
     return KeyPair(private_key, public_key)
 
 
-def load_or_create_identity(path: Path) -> KeyPair:
-    """Load the node's Ed25519 key pair from ``path``, creating it if absent.
+def _checked_identity(data: bytes, path: Path) -> KeyPair:
+    """Decode ``data`` read from ``path`` and tighten the file's mode to 0600 if it was looser.
 
-    The file holds the libp2p protobuf encoding of the private key
-    (``PrivateKey.serialize()``; the same format as ``libp2p.load_identity``).
-    A new file is written to a temporary file with mode 0600, fsynced and then
-    hard-linked into place, so a crash never leaves a half-written key and two
-    processes racing to create it end up with the same identity.
-
-    This is synchronous file I/O; call it before ``trio.run`` or via
-    ``trio.to_thread.run_sync`` if you are already inside the event loop.
-
-    :param path: where the key lives (parent directories are created).
-    :return: the key pair; ``ID.from_pubkey(kp.public_key)`` is the peer id.
-    :raises ValueError: if the file exists but is empty, corrupt, or not an
-        Ed25519 key. The file is left untouched so an operator can inspect it.
-    :raises OSError: on I/O errors (permissions, read-only file system...).
+    :raises ValueError: as :func:`_decode_identity`.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        pass
-    else:
-        key_pair = _decode_identity(data, path)
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            _log.warning(
-                "identity file was group/world accessible; tightening to 0600",
-                path=str(path),
-                mode=oct(mode),
-            )
-            os.chmod(path, 0o600)
-        return key_pair
+    key_pair = _decode_identity(data, path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        _log.warning(
+            "identity file was group/world accessible; tightening to 0600",
+            path=str(path),
+            mode=oct(mode),
+        )
+        os.chmod(path, 0o600)
+    return key_pair
 
+
+def _create_identity(path: Path) -> tuple[KeyPair, bool]:
+    """Write a new Ed25519 key to ``path`` unless one appears there first.
+
+    Written to a temporary file with mode 0600, fsynced and hard-linked into
+    place, so a crash never leaves a half-written key and two processes racing
+    to create it end up with the same identity (the loser reads the winner's).
+
+    :return: the key pair now in ``path`` and whether this call created it.
+    :raises ValueError: if the winner of a race wrote something that is not a key.
+    :raises OSError: on I/O errors.
+    """
     key_pair = create_new_ed25519_key_pair()
     data = key_pair.private_key.serialize()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +239,7 @@ def load_or_create_identity(path: Path) -> KeyPair:
             os.link(tmp_name, path)  # atomic "create if absent"
         except FileExistsError:
             # Another process won the race: use its identity.
-            return _decode_identity(path.read_bytes(), path)
+            return _decode_identity(path.read_bytes(), path), False
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
                 raise
@@ -251,12 +255,179 @@ def load_or_create_identity(path: Path) -> KeyPair:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    _log.info(
-        "created new node identity",
-        path=str(path),
-        peer_id=str(ID.from_pubkey(key_pair.public_key)),
-    )
+    return key_pair, True
+
+
+def load_or_create_identity(path: Path) -> KeyPair:
+    """Load the node's Ed25519 key pair from ``path``, creating it if absent.
+
+    The file holds the libp2p protobuf encoding of the private key
+    (``PrivateKey.serialize()``; the same format as ``libp2p.load_identity``).
+    A new file is written atomically (see :func:`_create_identity`). Nothing is
+    locked: a process that must not share its identity with another live
+    process uses :func:`claim_identity` instead.
+
+    This is synchronous file I/O; call it before ``trio.run`` or via
+    ``trio.to_thread.run_sync`` if you are already inside the event loop.
+
+    :param path: where the key lives (parent directories are created).
+    :return: the key pair; ``ID.from_pubkey(kp.public_key)`` is the peer id.
+    :raises ValueError: if the file exists but is empty, corrupt, or not an
+        Ed25519 key. The file is left untouched so an operator can inspect it.
+    :raises OSError: on I/O errors (permissions, read-only file system...).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        pass
+    else:
+        return _checked_identity(data, path)
+    key_pair, created = _create_identity(path)
+    if created:
+        _log.info(
+            "created new node identity",
+            path=str(path),
+            peer_id=str(ID.from_pubkey(key_pair.public_key)),
+        )
     return key_pair
+
+
+class IdentityClaim:
+    """A node identity this process holds: the key pair and the locked file it came from.
+
+    Owns one open file descriptor on :attr:`path` with an exclusive ``flock``;
+    no other process (and no other claim in this process) can claim the file
+    while it is open. The kernel drops the lock when the descriptor is closed:
+    by :meth:`release`, or by the process's death however it dies (SIGKILL
+    included), so a stale lock cannot outlive its owner.
+    """
+
+    def __init__(self, key_pair: KeyPair, path: Path, fd: int, *, created: bool) -> None:
+        self.key_pair = key_pair
+        self.path = path
+        #: True if this claim wrote the key file (a new identity).
+        self.created = created
+        self._fd = fd
+
+    @property
+    def peer_id(self) -> ID:
+        return ID.from_pubkey(self.key_pair.public_key)
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Unlock the file (idempotent). The key file itself stays for the next process."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def identity_slot_path(path: Path, slot: int) -> Path:
+    """Identity file number ``slot`` for ``path``: slot 0 is ``path`` itself, then ``<stem>-2<suffix>``..."""
+    return path if slot == 0 else path.with_name(f"{path.stem}-{slot + 1}{path.suffix}")
+
+
+def _lock_nowait(fd: int, path: Path) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if another open file holds it.
+
+    A file system without flock support (some network mounts) is not fatal: the
+    file is used unlocked, as before locking existed, with a warning.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        _log.warning(
+            "cannot lock identity file; a second process here may share this identity",
+            path=str(path),
+            error=exc.strerror,
+        )
+    return True
+
+
+def _try_claim(path: Path) -> IdentityClaim | None:
+    """Claim identity file ``path`` (created if absent), or None if another open file holds it.
+
+    :raises ValueError: if the file is not a valid key (left untouched).
+    :raises OSError: on I/O errors, or if the file keeps being replaced while we lock it.
+    """
+    created = False
+    for _ in range(IDENTITY_CLAIM_RETRIES):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _, created = _create_identity(path)
+            continue
+        try:
+            if not _lock_nowait(fd, path):
+                os.close(fd)
+                return None
+            try:
+                same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # replaced or removed between open and lock: the lock guards nothing
+                os.close(fd)
+                continue
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            key_pair = _checked_identity(b"".join(chunks), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return IdentityClaim(key_pair, path, fd, created=created)
+    raise OSError(errno.EAGAIN, f"identity file {path} keeps changing while it is being locked")
+
+
+def claim_identity(path: Path, slots: int = IDENTITY_SLOTS) -> IdentityClaim:
+    """Load (or create) the identity in ``path`` and lock it for this process's use.
+
+    If another live process holds ``path``, the first free of ``<stem>-2<suffix>``,
+    ``<stem>-3<suffix>``... is claimed (created if absent) instead, and kept on disk
+    for whichever process needs a second identity next; one info line names the
+    file used and why. A lone process therefore always gets ``path``, and keeps its
+    peer id across restarts. Hold the claim for as long as the identity is in use.
+
+    Synchronous file I/O, like :func:`load_or_create_identity`.
+
+    :raises ValueError: if a file tried is empty, corrupt or not an Ed25519 key.
+    :raises OSError: on I/O errors, or if all ``slots`` files are held by live processes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for slot in range(slots):
+        candidate = identity_slot_path(path, slot)
+        claim = _try_claim(candidate)
+        if claim is None:
+            continue
+        if slot:
+            _log.info(
+                "identity file in use by another live process; using a separate identity",
+                path=str(claim.path),
+                in_use=str(path),
+                peer_id=str(claim.peer_id),
+                created=claim.created,
+            )
+        elif claim.created:
+            _log.info("created new node identity", path=str(path), peer_id=str(claim.peer_id))
+        return claim
+    raise OSError(
+        errno.EAGAIN,
+        f"all {slots} identity files like {path} are held by other live processes",
+    )
 
 
 # --------------------------------------------------------------------------
