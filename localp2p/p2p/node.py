@@ -21,6 +21,9 @@ What this module adds on top of ``libp2p.new_host``:
   expanded to concrete interface addresses, and a hard error when a listen
   address could not be bound (py-libp2p only logs that).
 * A simple "peer disconnected" callback built on the swarm notifee API.
+* A connection manager sized for a pool, not the public IPFS network
+  (:data:`MIN_CONNECTIONS`, :data:`LOW_WATERMARK`, :data:`HIGH_WATERMARK`), and
+  py-libp2p's auto-connector off unless asked for (:class:`_OptInAutoConnector`).
 * Hostile-peer limits py-libp2p lacks: at most :data:`MAX_INBOUND_STREAMS` open
   inbound streams per connection (more are reset on arrival), identify/push
   bounded to :data:`IDENTIFY_PUSH_MAX` bytes, and the log lines a remote peer can
@@ -58,6 +61,7 @@ from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -593,6 +597,62 @@ _install_yamux_fix()
 hotpath.install()
 
 
+# --------------------------------------------------------------------------
+# py-libp2p connection manager tuning (upstream: libp2p.network.config
+# defaults and libp2p.network.auto_connector.AutoConnector, 0.8.1)
+# --------------------------------------------------------------------------
+
+#: py-libp2p's connection manager defaults (keep >= 50 connections, dial towards
+#: 200, prune above 300) are go-libp2p's, sized for the public IPFS network. A
+#: localp2p network is one server, its workers and a few clients, and discovery
+#: dials every peer we use, so nothing is dialled just to have connections:
+MIN_CONNECTIONS = 0
+#: With the auto-connector on (``auto_connect=True``) it dials peers the peerstore
+#: knows towards (LOW_WATERMARK + HIGH_WATERMARK) / 2 = 36 connections.
+LOW_WATERMARK = 8
+#: Above this many connections py-libp2p closes idle ones (no open stream, older
+#: than its 20 s grace period): far above a pool's size, so only churn is pruned.
+HIGH_WATERMARK = 64
+
+
+class _OptInAutoConnector(AutoConnector):
+    """py-libp2p's AutoConnector that does nothing unless ``enabled``.
+
+    Upstream behaviour changed: ``Swarm.run()`` always starts its AutoConnector,
+    whose first cycle runs at once and logs (at INFO, on a logger py-libp2p sets
+    to INFO itself) "initiating N new dials" and tries every peer in the
+    peerstore; stopping it after ``host.run()`` came too late for that first cycle.
+    Disabled, :meth:`start` leaves it stopped, so neither the periodic task nor the
+    disconnect-triggered ``maybe_connect`` ever dials.
+    """
+
+    def __init__(self, swarm: Any, *, enabled: bool) -> None:
+        super().__init__(swarm, auto_connect_interval=swarm.connection_config.auto_connect_interval)
+        self.enabled = enabled
+
+    async def start(self) -> None:
+        if self.enabled:
+            await super().start()
+
+
+def _tune_connection_manager(host: IHost, *, auto_connect: bool) -> None:
+    """Replace ``host``'s AutoConnector by :class:`_OptInAutoConnector` (call before ``host.run``).
+
+    The watermarks themselves are passed through ``ConnectionConfig`` in
+    :func:`open_node`. Raises ``AttributeError`` if py-libp2p's swarm no longer
+    has an ``auto_connector`` (a py-libp2p other than the pinned 0.8.1).
+    """
+    swarm: Any = host.get_network()
+    if not isinstance(getattr(swarm, "auto_connector", None), AutoConnector):
+        raise AttributeError("py-libp2p's swarm has no AutoConnector (not py-libp2p 0.8.1?)")
+    swarm.auto_connector = _OptInAutoConnector(swarm, enabled=auto_connect)
+
+
+# --------------------------------------------------------------------------
+# end of py-libp2p connection manager tuning
+# --------------------------------------------------------------------------
+
+
 def strip_p2p(addr: Multiaddr) -> Multiaddr:
     """Return ``addr`` without a trailing ``/p2p/<peer id>`` component."""
     try:
@@ -1005,10 +1065,11 @@ async def open_node(
         binds with SO_REUSEPORT and would silently share the port with
         another node).
     :param negotiate_timeout: seconds for multistream-select on new streams.
-    :param auto_connect: keep py-libp2p's AutoConnector running. It re-dials
-        *every* peer in the peerstore (cooldown-limited) whenever we have fewer
-        than ~200 connections, so a peer we disconnected from - or one the
-        DHT merely heard about - gets dialed again. Off by default.
+    :param auto_connect: run py-libp2p's AutoConnector. It re-dials peers in
+        the peerstore (cooldown-limited) whenever we have fewer than
+        (LOW_WATERMARK + HIGH_WATERMARK) / 2 connections, so a peer we
+        disconnected from - or one the DHT merely heard about - gets dialed
+        again. Off by default, and then it never runs at all.
     :param close_timeout: upper bound (s) for the shielded graceful shutdown.
     :raises OSError: if any listen address could not be bound.
 
@@ -1040,11 +1101,16 @@ async def open_node(
             # len(connections) >= max_connections_per_peer (default 3), so
             # with the default every successful dial waits a fixed 250 ms.
             max_connections_per_peer=1,
+            # go-libp2p's public-network sizes are far too many here (see MIN_CONNECTIONS).
+            min_connections=MIN_CONNECTIONS,
+            low_watermark=LOW_WATERMARK,
+            high_watermark=HIGH_WATERMARK,
         ),
         # host.get_addrs() feeds identify, signed peer records and DHT
         # provider records; without this it advertises /ip4/0.0.0.0/...
         addrs_factory=_expand_addrs,
     )
+    _tune_connection_manager(host, auto_connect=auto_connect)
     node = P2PNode(host, key_pair)
     node._harden_builtin_handlers()
     unbound: list[str] = []
@@ -1052,8 +1118,6 @@ async def open_node(
         try:
             unbound = _unbound_addrs(host, addrs)
             if not unbound:
-                if not auto_connect:
-                    await host.get_network().auto_connector.stop()
                 _log.info(
                     "libp2p node started",
                     peer_id=str(node.peer_id),
