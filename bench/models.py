@@ -12,10 +12,8 @@ matrices of typical 1B models fall below it (see ``cacheable_fraction``).
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,32 +49,6 @@ def smollm2() -> BenchModel:
     return BenchModel("smollm2", EMBEDDED_MODEL_NAME, path, None, 2048, 134_515_008, "SmolLM2-135M Q4_1 (embedded)")
 
 
-@contextlib.contextmanager
-def _quantized_shape_fix() -> Iterator[None]:
-    """Work around a genmodel bug for quantized types (see the bench report).
-
-    ``genmodel.write_model`` passes ``raw_shape=<element shape>`` with already-quantized
-    uint8 data; gguf 0.19 reads ``raw_shape`` of uint8 data as a *byte* shape and
-    refuses it ("bytes per row (N) is not a multiple of Q8_0 type size (34)"). The
-    quantized array already has the right byte shape, so we drop ``raw_shape`` here.
-    """
-    import gguf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    original = gguf.GGUFWriter.add_tensor
-
-    def add_tensor(self: Any, name: str, tensor: Any, raw_shape: Any = None, raw_dtype: Any = None, **kw: Any) -> None:
-        if raw_dtype is not None and tensor.dtype == np.uint8:
-            raw_shape = None
-        original(self, name, tensor, raw_shape, raw_dtype, **kw)
-
-    gguf.GGUFWriter.add_tensor = add_tensor
-    try:
-        yield
-    finally:
-        gguf.GGUFWriter.add_tensor = original
-
-
 def one_b(log: Any = print) -> BenchModel:
     """The generated 1B model, written on first use (about a minute) and reused."""
     s = SHAPE_1B
@@ -87,8 +59,7 @@ def one_b(log: Any = print) -> BenchModel:
         log(f"  writing {path.name} (random weights, once; cached in bench/.cache/) ...")
         started = time.monotonic()
         tmp = path.with_suffix(".tmp")
-        with _quantized_shape_fix():
-            write_model(tmp, s)
+        write_model(tmp, s)
         tmp.rename(path)
         log(f"  wrote {path.stat().st_size / 1e9:.2f} GB in {time.monotonic() - started:.0f} s")
     models = CACHE / "models-1b"

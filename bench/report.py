@@ -289,6 +289,8 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
     elif disc:
         rows.append(Row("Discovery", "mDNS / DHT", result="ERROR", value=disc["error"][:120]))
 
+    rows += _cpu_mode_rows(sections.get("cpu_modes"))
+
     for key, gen in sections.get("generation", {}).items():
         c, api = gen.get("configs", {}), gen.get("api_overhead")
         if not api:
@@ -330,6 +332,32 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 f"{per_token['median']:+.2f} ms/token",
             )
         )
+    return rows
+
+
+def _cpu_mode_rows(cpu: dict[str, Any] | None) -> list[Row]:
+    """One row per model and CPU mode (prompt and generation tok/s), with mode ÷ default."""
+    if not cpu:
+        return []
+    if "error" in cpu:
+        return [Row("CPU modes", "default / safe / amx", result="ERROR", value=cpu["error"][:120])]
+    rows = []
+    for label, modes in cpu["models"].items():
+        base = modes.get("default")
+        for mode, m in modes.items():
+            buffers = ", ".join(sorted(m.get("weight_buffers") or {})) or "?"
+            ratio_text = ""
+            if mode != "default" and base:
+                pp, gen = ratio(m["pp_tok_s"], base["pp_tok_s"]), ratio(m["gen_tok_s"], base["gen_tok_s"])
+                ratio_text = f"pp {_fmt(pp, digits=2)}× · gen {_fmt(gen, digits=2)}× of default"
+            rows.append(
+                Row(
+                    "CPU modes",
+                    f"{label}, mode {mode} (weights in {buffers}), {cpu['cpu']}",
+                    f"pp {_mm(m['pp_tok_s'], 'tok/s')} · gen {_mm(m['gen_tok_s'], 'tok/s')}",
+                    ratio_text,
+                )
+            )
     return rows
 
 

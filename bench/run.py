@@ -10,6 +10,7 @@ Sections (each a set of rows in one table, ratios measured in the same run):
 3. load       bench.load       first load vs cached reload, direct TCP vs tunnels (1B model)
 4. discovery  bench.discovery  worker start -> listed (mDNS, DHT) -> used by the next request
 5. API overhead                (b) - (a) from section 2
+6. cpu modes  bench.cpumodes   llama.cpp CPU modes (default, safe, amx on AMX CPUs): prompt and generation tok/s
 
 Every process started is stopped at the end, on failure and on Ctrl-C (bench.procs).
 A section that fails is reported as ERROR in the table; the others still run.
@@ -32,7 +33,7 @@ from typing import Any
 
 from localp2p.rpc import PROTOCOL_VERSION
 
-from . import discovery, generation, link, models, report
+from . import cpumodes, discovery, generation, link, models, report
 from .procs import ROOT, Procs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="llama.cpp threads of the server and in-process runs (default: half the cores, llama-cpp-python's own default)",
     )
     parser.add_argument("--worker-threads", type=int, default=None, help="rpc-server threads per worker (default: --threads)")
-    parser.add_argument("--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery"])
+    parser.add_argument("--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu"])
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 measure_drop=not quick,
             )
             results["sections"]["discovery"] = section("discovery", discovery.run, procs, models.smollm2(), dplan, log)
+
+        if "cpu" not in args.skip:
+            log("6. cpu modes: default vs safe (vs amx on AMX CPUs), interleaved")
+            cplan = cpumodes.CpuPlan(reps=2 if quick else 3, threads=args.threads)
+            results["sections"]["cpu_modes"] = section("cpu modes", cpumodes.run, cplan, log)
 
     results["machine"]["loadavg_end"] = _loadavg()
     results["wall_s"] = time.monotonic() - started

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from localp2p import rpc
+from localp2p import cpumode, rpc
 from localp2p.procutil import die_with_parent
 
 
@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     # run: restore the default actions and let SIGTERM/SIGINT end the process at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # ggml-rpc's server allocates every tensor in the CPU device's default buffer type
+    # (never an extra one: it refuses tensors with backend extras), so AMX buffers do
+    # not arise here; the mode still keeps AMX off and, in safe mode, ggml's fast paths.
+    problem = cpumode.enter(cpumode.from_env())
+    if problem:
+        print(f"rpc-server: AMX could not be denied: {problem}", file=sys.stderr)
     if args.cache_dir:
         os.makedirs(args.cache_dir, exist_ok=True)
     try:

@@ -30,6 +30,8 @@ PROBE_TIMEOUT = 2.0
 #: queued requests each block a thread until their turn, and would starve both the
 #: running generation's reader (a deadlock) and the rest of the app (discovery).
 CALL_THREADS = math.inf
+#: BackendError code of a backend that broke mid-call (the process died or hung up).
+BACKEND_FAILED = "backend_failed"
 
 
 @dataclass
@@ -68,7 +70,7 @@ def map_rpc_error(exc: grpc.RpcError) -> BackendError:
         f"the inference backend failed during the request ({code.name.lower()}: {details}); "
         "it is being restarted, retry shortly",
         "server_error",
-        "backend_failed",
+        BACKEND_FAILED,
     )
 
 

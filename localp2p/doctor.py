@@ -12,16 +12,20 @@ parsing, the port check), so "doctor says OK" means "the server would agree".
 from __future__ import annotations
 
 import ipaddress
+import json
 import pathlib
 import socket
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from localp2p import rpc
-from localp2p.config import ConfigError, ModelConfig, load_models, parse_rpc_servers
+from localp2p import cpumode, rpc
+from localp2p.config import ConfigError, ModelConfig, embedded_model_path, load_models, parse_rpc_servers
+from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.netutil import check_port_free
+from localp2p.procutil import python_module_argv
 
 Level = Literal["OK", "WARN", "FAIL"]
 OK: Level = "OK"
@@ -33,6 +37,9 @@ MDNS_GROUP = "224.0.0.251"
 #: Seconds a static worker gets to answer the probe: a doctor run should stay quick,
 #: and a healthy rpc-server answers HELLO in milliseconds.
 WORKER_PROBE_TIMEOUT = 5.0
+#: Seconds the one-token decode may take: loading the small embedded model and one
+#: decode take about a second; a hung child is a finding too.
+DECODE_CHECK_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class DoctorSettings:
     token: str | None = None
     p2p: bool = False
     rpc_servers_text: str | None = None
+    cpu_mode: CpuMode = CpuMode.DEFAULT
 
 
 def _size(n: float) -> str:
@@ -105,6 +113,65 @@ def gguf_summary(path: pathlib.Path) -> str:
         parts.insert(0, bytes(field.parts[field.data[0]]).decode("utf-8", "replace"))
     parts.append(_size(path.stat().st_size))
     return ", ".join(parts)
+
+
+def _decode_once(mode: CpuMode, model_file: pathlib.Path) -> tuple[int, dict[str, Any] | None, str]:
+    """Run backends.llama_cpp.selftest in a child in ``mode``: (exit code, its JSON or None, stderr tail)."""
+    argv = python_module_argv("backends.llama_cpp.selftest", str(model_file), "--threads", "1")
+    try:
+        done = subprocess.run(
+            argv, env=cpumode.child_env(mode), capture_output=True, text=True, timeout=DECODE_CHECK_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return -1, None, f"no answer within {DECODE_CHECK_TIMEOUT:g} s"
+    result = None
+    for line in reversed(done.stdout.splitlines()):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            continue
+    return done.returncode, result, done.stderr.strip()[-300:]
+
+
+def check_cpu_decode(mode: CpuMode = CpuMode.DEFAULT) -> Check:
+    """A one-token decode of the embedded model in a child process, in the CPU mode `run` uses.
+
+    FAIL names the crash and the fix: safe mode (which `run` falls back to by itself)
+    when that decodes, a portable rebuild when even safe mode crashes.
+    """
+    try:
+        model_file = embedded_model_path()
+    except ConfigError as exc:
+        return Check(FAIL, f"CPU decode check: {exc}")
+    cpu = f"{cpumode.cpu_name()} ({', '.join(cpumode.notable_features()) or 'no notable SIMD flags'})"
+    code, result, tail = _decode_once(mode, model_file)
+    if code == 0 and result is not None:
+        buffers = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in (result.get("weight_buffers") or {}).items())
+        amx = "AMX allowed (opted in)" if mode is CpuMode.AMX else ("AMX off (opt in: --cpu-mode amx)" if cpumode.has_amx() else "no AMX on this CPU")
+        return Check(OK, f"llama.cpp decodes on this CPU in CPU mode {mode.value}: {cpu}; {amx}; weights in {buffers or '?'}")
+    how = cpumode.signal_name(code) if code < 0 and code != -1 else (tail or f"exit code {code}")
+    if mode is CpuMode.SAFE:
+        return Check(
+            FAIL,
+            f"llama.cpp crashed ({how}) decoding one token even in safe CPU mode on {cpu}: this build does not run "
+            "on this CPU; rebuild it portable: remove ~/.cache/localp2p/wheels and run "
+            "`LOCALP2P_CMAKE_ARGS=-DGGML_NATIVE=OFF make install`",
+        )
+    safe_code, _, _ = _decode_once(CpuMode.SAFE, model_file)
+    if safe_code == 0:
+        return Check(
+            FAIL,
+            f"llama.cpp crashed ({how}) decoding one token in CPU mode {mode.value} on {cpu}, and works in safe mode: "
+            "`localp2p run` and workers switch to safe mode by themselves after the first crash; start them with "
+            f"`--cpu-mode safe` (env {cpumode.MODE_ENV}=safe) to skip the crash"
+            + (" — or leave out --cpu-mode amx" if mode is CpuMode.AMX else ""),
+        )
+    return Check(
+        FAIL,
+        f"llama.cpp crashed ({how}) decoding one token on {cpu}, in safe mode too: rebuild it portable: remove "
+        "~/.cache/localp2p/wheels and run `LOCALP2P_CMAKE_ARGS=-DGGML_NATIVE=OFF make install`",
+    )
 
 
 def check_model_file(model: ModelConfig) -> Check:
@@ -240,7 +307,7 @@ def _models_or_none(models_path: pathlib.Path | None) -> Sequence[ModelConfig]:
 
 def run_checks(settings: DoctorSettings) -> list[Check]:
     """All checks for ``settings``, in report order."""
-    checks = [check_llama_rpc(), check_rpc_protocol()]
+    checks = [check_llama_rpc(), check_rpc_protocol(), check_cpu_decode(settings.cpu_mode)]
     checks += check_models(settings.models_path)
     checks.append(check_http_port(settings.address))
     if settings.token:

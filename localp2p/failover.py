@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 import trio
 
 from localp2p._proto import backend_pb2 as pb
-from localp2p.backend_client import BackendClient, BackendError
+from localp2p.backend_client import BACKEND_FAILED, BackendClient, BackendError
 from localp2p.logs import get_logger
 from localp2p.supervisor import BackendSupervisor
 
@@ -33,8 +33,6 @@ MAX_CRASHES_WITHOUT_PROGRESS = 3
 #: Seconds between looks at the supervisor while the backend is replaced: right after a
 #: crash it can still count as ready for a moment, so a retry can hit the dead process.
 RETRY_INTERVAL = 0.1
-#: BackendError code of a backend that broke mid-call (backend_client.map_rpc_error).
-BACKEND_FAILED = "backend_failed"
 
 
 def _attempt_options(options: pb.PredictOptions, ids: list[int]) -> pb.PredictOptions:
@@ -99,7 +97,9 @@ async def generate(
         try:
             async with supervisor.session(model) as client:
                 async for reply in client.predict_stream(_attempt_options(options, ids)):
-                    ids.extend(reply.token_ids)
+                    if reply.token_ids:
+                        ids.extend(reply.token_ids)
+                        supervisor.note_generated()
                     if reply.message and skip:
                         cut = min(skip, len(reply.message))
                         skip -= cut

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Weight types a model can be written in (q4_0: the type llama.cpp repacks on AVX2 CPUs).
+TENSOR_TYPES = ("q8_0", "q4_0", "f16")
 #: Scale of the random weights: small enough that activations stay finite.
 WEIGHT_SCALE = 0.02
 _TOKENIZER_KEYS = (
@@ -42,7 +44,7 @@ class Shape:
     heads: int = 16
     kv_heads: int = 4
     context: int = 2048
-    tensor_type: str = "q8_0"  # q8_0 | f16
+    tensor_type: str = "q8_0"  # one of TENSOR_TYPES
 
     def parameters(self, vocab: int) -> int:
         head_dim = self.embd // self.heads
@@ -79,8 +81,8 @@ def write_model(path: pathlib.Path, shape: Shape, seed: int = 0) -> pathlib.Path
     from localp2p.config import embedded_model_path  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
-    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[shape.tensor_type]
-    file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}[shape.tensor_type]
+    qtype = getattr(gguf.GGMLQuantizationType, shape.tensor_type.upper())
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{shape.tensor_type.upper()}")
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(f"random-llama-{shape.layers}x{shape.embd}")
     vocab = _copy_tokenizer(writer, embedded_model_path())
@@ -102,7 +104,9 @@ def write_model(path: pathlib.Path, shape: Shape, seed: int = 0) -> pathlib.Path
         if qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(name, data.astype(np.float16))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+            # Quantized data comes as uint8 rows of bytes: gguf derives the element shape
+            # from that byte shape (a raw_shape would be read as a byte shape, and refused).
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     def norm(name: str) -> None:
         writer.add_tensor(name, np.ones(shape.embd, dtype=np.float32))
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ff", type=int, default=Shape.ff)
     parser.add_argument("--heads", type=int, default=Shape.heads)
     parser.add_argument("--kv-heads", type=int, default=Shape.kv_heads)
-    parser.add_argument("--type", dest="tensor_type", choices=["q8_0", "f16"], default=Shape.tensor_type)
+    parser.add_argument("--type", dest="tensor_type", choices=TENSOR_TYPES, default=Shape.tensor_type)
     args = parser.parse_args(argv)
     shape = Shape(args.layers, args.embd, args.ff, args.heads, args.kv_heads, tensor_type=args.tensor_type)
     write_model(args.out, shape)

@@ -13,6 +13,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from localp2p.api import create_app
 from localp2p.config import ModelConfig
+from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.failover import DEFAULT_FAILOVER_TIMEOUT
 from localp2p.logs import get_logger
@@ -46,6 +47,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()  # any set: /v1/* and /api/* need one (localp2p.api.auth)
     protect_metrics: bool = False  # /metrics needs a key too
     failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT  # seconds to continue a generation after a backend failure; 0: off
+    cpu_mode: CpuMode = CpuMode.DEFAULT  # llama.cpp's CPU fast paths (localp2p.cpumode); safe after a native crash
 
     @property
     def shutdown_limit(self) -> float:
@@ -88,6 +90,7 @@ async def serve(
         ready_wait=settings.ready_wait,
         max_queue=settings.max_queue,
         network_bytes=workers.bytes_sent if workers is not None else None,
+        cpu_mode=settings.cpu_mode,
     )
     app = create_app(
         supervisor,

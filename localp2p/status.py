@@ -140,6 +140,9 @@ def _backend_lines(status: dict[str, Any]) -> list[str]:
     if backend.get("load_seconds"):
         parts.append(f"loaded in {backend['load_seconds']:.1f} s")
     lines = ["backend:  " + ", ".join(parts)]
+    if backend.get("cpu_mode"):
+        reason = f" ({backend['cpu_mode_reason']})" if backend.get("cpu_mode_reason") else ""
+        lines.append(f"          cpu mode: {backend['cpu_mode']}{reason}")
     if backend.get("last_error"):
         lines.append(f"          last error: {backend['last_error']}")
     return lines

@@ -18,10 +18,11 @@ from typing import Protocol
 
 import trio
 
-from localp2p import rpc
+from localp2p import cpumode, rpc
 from localp2p._proto import backend_pb2 as pb
-from localp2p.backend_client import BackendClient, BackendError
+from localp2p.backend_client import BACKEND_FAILED, BackendClient, BackendError
 from localp2p.config import RPC_SERVERS_ENV, ModelConfig
+from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.logs import get_logger
 from localp2p.procutil import python_module_argv, start_child, stop_child
@@ -71,6 +72,12 @@ SKIPPED_PROBE_TIMEOUT = 1.0
 LOAD_POLL = 0.5
 #: Seconds between two "loading model" progress lines in the log.
 LOAD_LOG_INTERVAL = 2.0
+#: Seconds one probe of a backend's rpc-server may take when telling a CPU crash from a
+#: lost worker (a live rpc-server answers HELLO in milliseconds).
+CRASH_PROBE_TIMEOUT = 2.0
+#: Seconds to wait for the exit code of a backend that broke mid-call (a gRPC error can
+#: come a moment before the kernel reports the process dead).
+CRASH_EXIT_WAIT = 1.0
 #: A load that sent the workers less than this share of their weights was served by
 #: their tensor caches (hash offers and graph set-up still cross; weights do not).
 CACHED_LOAD_SHARE = 0.05
@@ -97,6 +104,7 @@ class RpcServerSpec:
     port: int
     threads: int = 0
     cache_dir: str | None = None
+    cpu_mode: CpuMode = CpuMode.DEFAULT
 
     @property
     def endpoint(self) -> str:
@@ -132,20 +140,26 @@ async def supervise_rpc_server(
 
     With a cache dir, each start uses it only while its disk has room, and a child
     whose cache disk runs low is stopped and restarted without it (localp2p.tensor_cache).
+    A child that dies of a native crash (SIGSEGV, SIGILL, SIGBUS) is restarted in safe
+    CPU mode, and stays there (localp2p.cpumode).
     """
     first = True
     backoff = RESTART_BACKOFF_MIN
     guard = CacheGuard(spec.cache_dir, cache_min_free()) if spec.cache_dir else None
+    mode = spec.cpu_mode
     while True:
         cached = guard is not None and await guard.usable()
-        process = await start_child(spec.argv(cache=cached))
+        process = await start_child(spec.argv(cache=cached), cpumode.child_env(mode))
+        code: int | None = None  # exit code of a child that ended by itself
         try:
             try:
                 info = await _wait_rpc_ready(process, spec.endpoint)
             except (ChildExited, trio.TooSlowError) as exc:
-                if first:
+                code = process.returncode
+                to_safe_mode = cpumode.is_native_crash(code) and mode is not CpuMode.SAFE
+                if first and not to_safe_mode:
                     raise StartupError(f"rpc-server on {spec.endpoint} did not start: {exc}") from None
-                log.warning("rpc-server failed to restart", endpoint=spec.endpoint, error=str(exc))
+                log.warning("rpc-server failed to start", endpoint=spec.endpoint, error=str(exc))
             else:
                 if first:
                     first = False
@@ -160,6 +174,15 @@ async def supervise_rpc_server(
                     log.warning("rpc-server exited; restarting", endpoint=spec.endpoint, code=code, in_s=backoff)
         finally:
             await stop_child(process)
+        if cpumode.is_native_crash(code) and mode is not CpuMode.SAFE:
+            assert code is not None
+            mode, backoff = CpuMode.SAFE, RESTART_BACKOFF_MIN
+            log.error(
+                "SAFE MODE: the rpc-server crashed in llama.cpp's CPU code; restarting it in safe CPU mode (slower)",
+                endpoint=spec.endpoint,
+                signal=cpumode.signal_name(code),
+                mode=mode.describe(),
+            )
         await trio.sleep(backoff)
         backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
@@ -235,6 +258,9 @@ class BackendStatus:
     layers_local: int = 0
     load_seconds: float = 0.0
     load_progress: LoadProgress = field(default_factory=LoadProgress)
+    cpu_mode: CpuMode = CpuMode.DEFAULT
+    cpu_mode_reason: str = ""  # why the backend runs in safe mode, when it was switched there
+    weight_buffers: dict[str, float] = field(default_factory=dict)  # llama.cpp buffer type -> MiB
 
 
 def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) -> pb.ModelOptions:
@@ -282,13 +308,19 @@ class BackendSupervisor:
         env: Mapping[str, str] | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
         network_bytes: Callable[[], int] | None = None,
+        cpu_mode: CpuMode = CpuMode.DEFAULT,
     ) -> None:
         self.models = dict(models)
         self.max_queue = max_queue
         #: Bytes sent to workers so far (p2p: the tunnels), to tell a cached load apart.
         self._network_bytes = network_bytes
         self._admitted = 0
-        self.status = BackendStatus()
+        self.status = BackendStatus(cpu_mode=cpu_mode)
+        #: Whether the current process has produced a token (a native crash before that may be
+        #: a CPU fast path that does not work here: see _fall_back_to_safe_mode).
+        self._generated = False
+        #: Exit code of the last backend process that exited by itself (None: stopped by us).
+        self._exit_code: int | None = None
         self._rpc_servers = tuple(rpc_servers)
         self._target = next(iter(self.models))
         self._threads = threads
@@ -322,6 +354,10 @@ class BackendSupervisor:
             self._ready_changed.set()
             self._ready_changed = trio.Event()
 
+    def note_generated(self) -> None:
+        """A request got a token from the current backend process."""
+        self._generated = True
+
     def servers_for(self, model: str) -> tuple[str, ...]:
         """The rpc-servers a model loads on: its YAML ``rpc_servers``, else the cluster's."""
         return self.models[model].rpc_servers or self._rpc_servers
@@ -349,7 +385,7 @@ class BackendSupervisor:
         worker lost now and then is no crash loop).
         Cancellation stops the process.
         """
-        first = True
+        started = [False]  # task_status.started() was called (by _run_once)
         backoff = RESTART_BACKOFF_MIN
         crashes = 0  # in a row
         with tempfile.TemporaryDirectory(prefix="localp2p-backend-") as tmp:
@@ -358,19 +394,21 @@ class BackendSupervisor:
                 up_since = time.monotonic()
                 served = False  # the process crashed after it was ready
                 try:
-                    if await self._run_once(socket_path, task_status if first else None):
-                        first = False
+                    if await self._run_once(socket_path, None if started[0] else task_status, started):
                         backoff, crashes = RESTART_BACKOFF_MIN, 0
                         continue
                     served = True
+                    safe_restart = await self._fall_back_to_safe_mode()
                 except (ChildExited, BackendError, trio.TooSlowError) as exc:
                     message = str(exc) or type(exc).__name__
                     self.status.last_error = message
-                    if first:
+                    safe_restart = await self._fall_back_to_safe_mode()
+                    if not started[0] and not safe_restart:
                         raise StartupError(message) from None
                     log.error("backend failed", error=message)
-                first = False
                 self.status.restarts += 1
+                if safe_restart:
+                    continue  # at once: the request that hit the crash waits for it
                 crashes += 1
                 if time.monotonic() - up_since > HEALTHY_AFTER:
                     backoff, crashes = RESTART_BACKOFF_MIN, 1
@@ -378,12 +416,20 @@ class BackendSupervisor:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
-    async def _run_once(self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None) -> bool:
-        """One backend process from start to exit; True when it was drained for a reload."""
+    async def _run_once(
+        self, socket_path: pathlib.Path, task_status: trio.TaskStatus[None] | None, started: list[bool]
+    ) -> bool:
+        """One backend process from start to exit; True when it was drained for a reload.
+
+        Calls ``task_status.started()`` (when given) once the model is loaded and notes
+        that in ``started[0]``; leaves the exit code of a process that died by itself
+        in ``_exit_code``.
+        """
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         self.status.rpc_servers = self._bound = self.servers_for(self._target)
-        env = dict(self._env)
+        self._generated, self._exit_code = False, None
+        env = cpumode.child_env(self.status.cpu_mode, self._env)
         env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
         self._reload = trio.Event()
         self._joined = trio.Event()
@@ -407,6 +453,7 @@ class BackendSupervisor:
             self._set_ready(True, "ready")
             if task_status is not None:
                 task_status.started()
+                started[0] = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_reload, process, nursery.cancel_scope)
                 nursery.start_soon(self._watch_skipped)
@@ -418,14 +465,65 @@ class BackendSupervisor:
             log.error("backend process died; restarting it", code=code, restarts=self.status.restarts + 1)
             self._set_ready(False, "restarting")
             return False
+        except BackendError as exc:
+            if exc.code == BACKEND_FAILED:  # the process broke mid-call: learn how it ended
+                with trio.move_on_after(CRASH_EXIT_WAIT):
+                    await process.wait()
+            raise
         finally:
             self._client = None
             if self.status.state == "ready":
                 self._set_ready(False, "restarting")
             client.close()
+            self._exit_code = process.returncode  # None while it runs: stopped below, by us
             await stop_child(process)
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
+
+    async def _fall_back_to_safe_mode(self) -> bool:
+        """After a backend process ended without being asked to: switch to safe CPU mode?
+
+        Yes (and switched, logged, shown in ``/api/status``) when it died of a native crash
+        (SIGSEGV, SIGILL, SIGBUS) before producing its first token, outside safe mode, and
+        every rpc-server it ran on still answers: then the likely cause is a CPU fast path
+        of llama.cpp that does not work on this machine (llama.cpp #20824: AMX). A lost
+        worker explains a crash by itself and keeps the ordinary restart.
+        """
+        code = self._exit_code
+        if self.status.cpu_mode is CpuMode.SAFE or self._generated or code is None or not cpumode.is_native_crash(code):
+            return False
+        lost = await self._unreachable(self._bound)
+        if lost:
+            log.warning("backend crashed after losing rpc-servers; restarting as usual", signal=cpumode.signal_name(code), lost=lost)
+            return False
+        reason = (
+            f"the backend died of {cpumode.signal_name(code)} before its first token "
+            f"in CPU mode {self.status.cpu_mode.value} on {cpumode.cpu_name()}"
+        )
+        self.status.cpu_mode, self.status.cpu_mode_reason = CpuMode.SAFE, reason
+        log.error(
+            "SAFE MODE: llama.cpp crashed in its CPU code; restarting the backend in safe CPU mode (slower)",
+            reason=reason,
+            mode=CpuMode.SAFE.describe(),
+            hint="`localp2p doctor` checks this CPU; --cpu-mode safe starts in safe mode",
+        )
+        return True
+
+    @staticmethod
+    async def _unreachable(endpoints: Sequence[str]) -> list[str]:
+        """The rpc-servers among ``endpoints`` that do not answer HELLO now (probed together)."""
+        lost: list[str] = []
+
+        async def probe(endpoint: str) -> None:
+            try:
+                await trio.to_thread.run_sync(rpc.probe, endpoint, CRASH_PROBE_TIMEOUT)
+            except rpc.RPCError:
+                lost.append(endpoint)
+
+        async with trio.open_nursery() as nursery:
+            for endpoint in endpoints:
+                nursery.start_soon(probe, endpoint)
+        return lost
 
     def _serves_wanted(self) -> bool:
         """Whether the running backend already is what a reload would start: the target model
@@ -619,6 +717,8 @@ class BackendSupervisor:
             ]
             self.status.layers_total = reply.layers_total
             self.status.layers_local = reply.layers_local
+            if reply.weight_buffers:
+                self.status.weight_buffers = {k: round(v, 2) for k, v in sorted(reply.weight_buffers.items())}
             self._note_load(reply)
         return self.status
 

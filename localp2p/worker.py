@@ -6,6 +6,7 @@ import functools
 
 import trio
 
+from localp2p.cpumode import CpuMode
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free, is_loopback
 from localp2p.p2p.auth import AuthGate
@@ -33,7 +34,7 @@ async def run_static_worker(spec: RpcServerSpec, *, task_status: trio.TaskStatus
         info = await nursery.start(supervise_rpc_server, spec)
         ready = (
             f"localp2p worker ready: endpoint={spec.endpoint} rpc-protocol={info.version_text} "
-            f"memory-free-mib={info.memory_free >> 20} cache={info.cache_dir or 'off'}"
+            f"memory-free-mib={info.memory_free >> 20} cache={info.cache_dir or 'off'} cpu-mode={spec.cpu_mode.value}"
         )
         print(ready, flush=True)
         task_status.started(ready)
@@ -43,6 +44,7 @@ async def run_p2p_worker(
     p2p: P2PSettings,
     threads: int = 0,
     cache_dir: str | None = None,
+    cpu_mode: CpuMode = CpuMode.DEFAULT,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -52,7 +54,7 @@ async def run_p2p_worker(
     is a tunnel stream from an authenticated server (one server at a time). Prints
     one ready line on stdout.
     """
-    spec = RpcServerSpec(host="127.0.0.1", port=free_port(), threads=threads, cache_dir=cache_dir)
+    spec = RpcServerSpec(host="127.0.0.1", port=free_port(), threads=threads, cache_dir=cache_dir, cpu_mode=cpu_mode)
     async with trio.open_nursery() as nursery:
         info = await nursery.start(supervise_rpc_server, spec)
         hello = {
@@ -76,7 +78,7 @@ async def run_p2p_worker(
         nursery.start_soon(_discard, network.candidates)
         ready = (
             f"localp2p worker ready: peer={network.node.peer_id} network={p2p.token.network_id} "
-            f"rpc-protocol={info.version_text} memory-free-mib={info.memory_free >> 20} "
+            f"rpc-protocol={info.version_text} memory-free-mib={info.memory_free >> 20} cpu-mode={cpu_mode.value} "
             f"addrs={','.join(str(a) for a in network.node.p2p_addrs())}"
         )
         print(ready, flush=True)

@@ -11,10 +11,20 @@ from collections.abc import Iterator
 import pytest
 
 from cluster import LOCALP2P, Proc, free_port, new_token, start_worker
+from localp2p import cpumode
 from localp2p.config import embedded_model_path
 
 #: Variables a developer's shell may set that would change what doctor checks.
-_DOCTOR_ENV = ("ADDRESS", "MODELS_PATH", "P2P_TOKEN", "TOKEN", "P2P", "LLAMACPP_GRPC_SERVERS")
+_DOCTOR_ENV = (
+    "ADDRESS",
+    "MODELS_PATH",
+    "P2P_TOKEN",
+    "TOKEN",
+    "P2P",
+    "LLAMACPP_GRPC_SERVERS",
+    cpumode.MODE_ENV,
+    cpumode.CRASH_FAILPOINT_ENV,
+)
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,7 +55,28 @@ def test_healthy_setup_is_all_ok(worker: tuple[Proc, str]) -> None:
     assert "RPC protocol 7." in text
     assert str(embedded_model_path()) in text and "tensors" in text
     assert f"worker {endpoint}: protocol 7." in text
+    assert "llama.cpp decodes on this CPU in CPU mode default" in text and cpumode.cpu_name() in text
     assert "Traceback" not in out.stderr
+
+
+def _cpu_line(out: subprocess.CompletedProcess[str]) -> str:
+    return next(line for line in lines_of(out) if "decoding one token" in line or "decodes on this CPU" in line)
+
+
+def test_a_crash_in_a_cpu_fast_path_fails_naming_cause_and_fix() -> None:
+    out = doctor("--address", f"127.0.0.1:{free_port()}", env={cpumode.CRASH_FAILPOINT_ENV: "1"})
+    line = _cpu_line(out)
+    assert out.returncode == 1
+    assert line.startswith("[FAIL] ") and "SIGSEGV" in line, line
+    assert "works in safe mode" in line and "--cpu-mode safe" in line, line
+    assert "Traceback" not in out.stderr
+
+
+def test_a_crash_in_safe_mode_too_says_to_rebuild_portable() -> None:
+    out = doctor("--address", f"127.0.0.1:{free_port()}", env={cpumode.CRASH_FAILPOINT_ENV: "always"})
+    line = _cpu_line(out)
+    assert out.returncode == 1
+    assert line.startswith("[FAIL] ") and "in safe mode too" in line and "GGML_NATIVE=OFF" in line, line
 
 
 def test_missing_model_file_fails_naming_it(tmp_path: pathlib.Path) -> None:

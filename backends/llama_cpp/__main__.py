@@ -12,9 +12,11 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 
+from localp2p import cpumode
 from localp2p.logs import configure_logging, get_logger
 from localp2p.procutil import die_with_parent
 
@@ -27,6 +29,27 @@ GRPC_MAX_MESSAGE = 64 * 1024 * 1024
 SHUTDOWN_GRACE = 5.0
 
 
+def enter_cpu_mode(log: Any) -> tuple[cpumode.CpuMode, bool]:
+    """Put this process into the CPU mode its supervisor chose (``LOCALP2P_CPU_MODE``),
+    before llama.cpp is loaded; returns the mode and whether weights may use llama.cpp's
+    extra buffer types. Shared with the doctor's one-token check (selftest).
+
+    When AMX cannot be denied on a CPU that has it, no extra buffer type is used at all.
+    """
+    mode = cpumode.from_env()
+    problem = cpumode.enter(mode)
+    extra_bufts = mode.extra_buffer_types and not (problem and cpumode.has_amx())
+    log.info(
+        "llama.cpp CPU mode",
+        mode=mode.describe(),
+        cpu=cpumode.cpu_name(),
+        amx_cpu=cpumode.has_amx(),
+        extra_buffer_types=extra_bufts,
+        **({"amx_not_denied": problem} if problem else {}),
+    )
+    return mode, extra_bufts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backends.llama_cpp")
     parser.add_argument("--addr", required=True, help="gRPC listen address, e.g. unix:/tmp/b.sock or 127.0.0.1:50051")
@@ -34,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     configure_logging(process="backend")
     log = get_logger("backend")
+    mode, extra_bufts = enter_cpu_mode(log)
 
     from localp2p._proto import backend_pb2_grpc as pb_grpc  # noqa: PLC0415
 
@@ -44,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS), options=options)
-    pb_grpc.add_BackendServicer_to_server(LlamaBackend(), server)
+    pb_grpc.add_BackendServicer_to_server(LlamaBackend(mode, extra_bufts), server)
     if server.add_insecure_port(args.addr) == 0 and not args.addr.startswith("unix:"):
         log.error("cannot listen", addr=args.addr)
         return 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import os
 import pathlib
 import resource
@@ -24,13 +23,14 @@ from typing import Any
 import grpc
 import structlog
 
-from localp2p import rpc
+from localp2p import cpumode, rpc
 from localp2p._proto import backend_pb2 as pb
 from localp2p._proto import backend_pb2_grpc as pb_grpc
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
 from localp2p.layers import assign_layers
 
 from .continuation import tracked_generation
+from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, progress_callback
 
 log = structlog.get_logger("backend")
 
@@ -84,81 +84,12 @@ class BackendState:
     loading: bool = False
     load_fraction: float = 0.0
     load_bytes_total: int = 0
-
-
-#: Tensors that make up the output layer (``token_embd`` stands in for it when tied).
-OUTPUT_TENSOR_PATTERN = rb"^(output|output_norm|token_embd)\.(weight|bias)$"
-
-
-class _BuftOverride(ctypes.Structure):
-    """``struct llama_model_tensor_buft_override`` (llama.h)."""
-
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-@contextlib.contextmanager
-def output_layer_on_host(enabled: bool) -> Iterator[None]:
-    """While active, models load with their output layer pinned to host memory.
-
-    llama.cpp places the output layer on the last offloaded device; computed there,
-    every token ships ``n_vocab`` float logits back over the network. Pinning its
-    tensors to the CPU buffer type (llama.cpp's ``--override-tensor``) keeps the
-    logits local; only one hidden state per token crosses the wire. llama-cpp-python
-    0.3.36 has no parameter for it, so the default model params are amended for the
-    duration of one load (callers hold the backend lock).
-    """
-    if not enabled:
-        yield
-        return
-    import llama_cpp.llama_cpp as lib  # noqa: PLC0415
-
-    overrides = (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSOR_PATTERN, rpc.cpu_buffer_type()), _BuftOverride(None, None))
-    original = lib.llama_model_default_params
-
-    def with_overrides() -> Any:
-        params = original()
-        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        return params
-
-    lib.llama_model_default_params = with_overrides
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
-
-
-@contextlib.contextmanager
-def report_load_progress(state: BackendState) -> Iterator[None]:
-    """While active, model loads write llama.cpp's progress (0..1) into ``state.load_fraction``.
-
-    llama-cpp-python's ``Llama`` has no parameter for ``progress_callback``; it builds
-    its params from ``llama_model_default_params()``, so that is wrapped for the
-    duration of one load (callers hold the backend lock), like
-    :func:`output_layer_on_host`. The ctypes callback is referenced here until the
-    load ends, so it is not garbage collected while llama.cpp may call it; it returns
-    True (False would abort the load).
-    """
-    import llama_cpp.llama_cpp as lib  # noqa: PLC0415
-
-    def on_progress(fraction: float, _user_data: Any) -> bool:
-        state.load_fraction = float(fraction)
-        return True
-
-    callback = lib.llama_progress_callback(on_progress)
-    original = lib.llama_model_default_params
-
-    def with_progress() -> Any:
-        params = original()
-        params.progress_callback = callback
-        return params
-
-    state.loading, state.load_fraction = True, 0.0
-    lib.llama_model_default_params = with_progress
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
-        state.loading = False
+    # Which CPU fast paths llama.cpp may use (fixed for the process, see localp2p.cpumode),
+    # and whether it may put weights into extra buffer types (repacks; AMX if allowed).
+    cpu_mode: cpumode.CpuMode = cpumode.CpuMode.DEFAULT
+    extra_buffer_types: bool = True
+    load_log: LoadLog = field(default_factory=LoadLog)
+    decoded: bool = False  # a generation has started in this process (the crash failpoint's trigger)
 
 
 def _request_scope(request_id: str) -> contextvars.Context:
@@ -209,11 +140,19 @@ def _sampling_kwargs(req: pb.PredictOptions) -> dict[str, Any]:
     return kwargs
 
 
+def _crash_failpoint(state: BackendState) -> None:
+    """At the first decode of this process: the tests' native-crash failpoint (localp2p.cpumode)."""
+    first, state.decoded = not state.decoded, True
+    if first:
+        cpumode.crash_failpoint(state.cpu_mode)
+
+
 class LlamaBackend(pb_grpc.BackendServicer):
     """gRPC servicer; every method owns its error mapping to a gRPC status."""
 
-    def __init__(self) -> None:
-        self.state = BackendState()
+    def __init__(self, cpu_mode: cpumode.CpuMode = cpumode.CpuMode.DEFAULT, extra_bufts: bool = True) -> None:
+        self.state = BackendState(cpu_mode=cpu_mode, extra_buffer_types=extra_bufts)
+        self.state.load_log.install()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -286,7 +225,12 @@ class LlamaBackend(pb_grpc.BackendServicer):
             split = []
         keep_output = bool(used) and not request.OffloadOutput
         started = time.monotonic()
-        with output_layer_on_host(keep_output), report_load_progress(self.state):
+        self.state.load_log.begin_load()
+        with (
+            output_layer_on_host(keep_output),
+            self._load_progress(),
+            extra_buffer_types(self.state.extra_buffer_types),
+        ):
             llm = llama_cpp.Llama(
                 model_path=str(model_file),
                 n_ctx=request.ContextSize or 2048,
@@ -319,6 +263,8 @@ class LlamaBackend(pb_grpc.BackendServicer):
             on_workers=on_workers,
             output_local=not used or keep_output,
             workers=[f"{d.endpoint}={d.layers}" for d in used],
+            cpu_mode=self.state.cpu_mode.value,
+            weight_buffers_mib=self.state.load_log.weight_buffers,
         )
         return LoadedModel(
             name=request.Model,
@@ -327,6 +273,20 @@ class LlamaBackend(pb_grpc.BackendServicer):
             layers_total=n_layer,
             layers_local=n_layer - on_workers,
         )
+
+    @contextlib.contextmanager
+    def _load_progress(self) -> Iterator[None]:
+        """While active, llama.cpp's load progress goes into ``state.load_fraction`` (read by Status)."""
+
+        def note(fraction: float) -> None:
+            self.state.load_fraction = fraction
+
+        self.state.loading, self.state.load_fraction = True, 0.0
+        try:
+            with progress_callback(note):
+                yield
+        finally:
+            self.state.loading = False
 
     def Free(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Result:
         with self.state.lock:
@@ -361,6 +321,8 @@ class LlamaBackend(pb_grpc.BackendServicer):
             loading=self.state.loading,
             load_fraction=self.state.load_fraction,
             load_bytes_total=self.state.load_bytes_total,
+            cpu_mode=self.state.cpu_mode.value,
+            weight_buffers=self.state.load_log.weight_buffers,
         )
 
     # -- inference ---------------------------------------------------------------------
@@ -394,6 +356,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
             # prefix evaluates the last prompt token in a batch of one, whose float results
             # differ slightly, so greedy output would depend on the request before it.
             model.llm.reset()
+            _crash_failpoint(self.state)
             started = time.monotonic()
             first_at: float | None = None
             tokens = prompt_tokens = 0
