@@ -8,23 +8,26 @@ non-zero; it never shows a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from localp2p import __version__
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
-from localp2p.logs import FORMATS, configure_logging, get_logger
 from localp2p.errors import StartupError
+from localp2p.logs import FORMATS, LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging, get_logger
 
 #: Exit code for a configuration or start-up error (argparse uses 2 for usage errors).
 EXIT_STARTUP = 1
+#: Exit code after Ctrl-C outside the service loop (the shell's 128 + SIGINT).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: --log-level choices (structlog's filtering levels).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CLIError(Exception):
@@ -63,14 +66,52 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``localp2p run: error: ...``), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _log_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """A parent parser with --log-format and --log-level.
+
+    The top level takes it with ``defaults`` (the env variables, else console/info);
+    every subcommand takes it without: there the defaults are SUPPRESSed, so a value
+    given after the subcommand replaces the top level's and an absent one leaves it.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=_env(LOG_FORMAT_ENV, "console") if defaults else argparse.SUPPRESS,
+        help=f"console lines or JSON lines on stderr (env {LOG_FORMAT_ENV}; default console)",
+    )
+    options.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=_env(LOG_LEVEL_ENV, "info") if defaults else argparse.SUPPRESS,
+        help=f"least important level logged (env {LOG_LEVEL_ENV}; default info)",
+    )
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localp2p", description="Distributed llama.cpp inference, OpenAI-compatible.")
+    parser = _Parser(
+        prog="localp2p",
+        description="Distributed llama.cpp inference, OpenAI-compatible.",
+        parents=[_log_options(defaults=True)],
+    )
     parser.add_argument("--version", action="version", version=f"localp2p {__version__}")
-    parser.add_argument("--log-format", choices=FORMATS, default=_env("LOCALP2P_LOG_FORMAT", "console"))
-    parser.add_argument("--log-level", default=_env("LOCALP2P_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    log_options = _log_options(defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser("run", help="serve the OpenAI-compatible API")
+    def command(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        """A subcommand that also takes the log options."""
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, parents=[log_options])
+        return sub
+
+    run = command(commands, "run", "serve the OpenAI-compatible API")
     run.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP listen address (env ADDRESS)")
     run.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2")
     run.add_argument("--threads", type=_positive_int, default=env_threads(), help="threads for llama.cpp (env THREADS)")
@@ -86,34 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
 
-    worker = commands.add_parser("worker", help="run a worker that lends this machine to a server")
+    worker = command(commands, "worker", "run a worker that lends this machine to a server")
     kinds = worker.add_subparsers(dest="kind", metavar="KIND", required=True)
-    static = kinds.add_parser("llama-cpp-rpc", help="a llama.cpp rpc-server on ADDRESS:PORT (static mode)")
+    static = command(kinds, "llama-cpp-rpc", "a llama.cpp rpc-server on ADDRESS:PORT (static mode)")
     static.add_argument("address", help="listen address; keep 127.0.0.1 unless the network is trusted")
     static.add_argument("port", type=_port)
     static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
     static.set_defaults(func=cmd_worker_static)
 
-    p2p = kinds.add_parser("p2p-llama-cpp-rpc", help="a llama.cpp rpc-server lent to the network of TOKEN over libp2p")
+    p2p = command(kinds, "p2p-llama-cpp-rpc", "a llama.cpp rpc-server lent to the network of TOKEN over libp2p")
     p2p.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
     p2p.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     p2p.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
     _add_p2p_args(p2p)
     p2p.set_defaults(func=cmd_worker_p2p)
 
-    token = commands.add_parser("token", help="network tokens")
+    token = command(commands, "token", "network tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
-    token_new = token_commands.add_parser("new", help="print a fresh network token")
+    token_new = command(token_commands, "new", "print a fresh network token")
     token_new.set_defaults(func=cmd_token_new)
 
-    status = commands.add_parser("status", help="ask a running server what it is doing")
+    status = command(commands, "status", "ask a running server what it is doing")
     status.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="the server's HOST:PORT or URL (env ADDRESS)")
     status.add_argument("--api-key", default=_env("API_KEY"), help="sent as a Bearer token (env API_KEY)")
     status.add_argument("--json", action="store_true", help="print /api/status and /api/p2p as one JSON object")
     status.set_defaults(func=cmd_status)
 
-    doctor = commands.add_parser("doctor", help="check this machine's setup: llama.cpp, models, ports, token, workers")
+    doctor = command(commands, "doctor", "check this machine's setup: llama.cpp, models, ports, token, workers")
     doctor.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="check these models (env MODELS_PATH); default: the embedded model")
     doctor.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP address whose port should be free (env ADDRESS)")
     doctor.add_argument("--p2ptoken", default=None, help="check this network token (env P2P_TOKEN or TOKEN)")
@@ -175,6 +216,10 @@ def _run_service(service: Callable[..., Awaitable[Any]], *args: Any, graceful_li
     first signal sets it and the service winds down by itself (e.g. finishes in-flight
     requests); a second signal, or ``graceful_limit`` seconds, cancel it. Without it,
     the first signal cancels the service.
+
+    The service is awaited, not ``nursery.start``-ed: a signal may come at any point
+    of its start-up, and a service that winds down before it is ready returns without
+    ``task_status.started`` (which ``start`` would turn into a RuntimeError).
     """
     log = get_logger("localp2p")
 
@@ -202,7 +247,7 @@ def _run_service(service: Callable[..., Awaitable[Any]], *args: Any, graceful_li
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
-        user_errors, rest = group.split((ConfigError, StartupError, CLIError))
+        user_errors, _rest = group.split((ConfigError, StartupError, CLIError))
         if user_errors is None:
             raise
         raise _first_leaf(user_errors) from None
@@ -212,11 +257,6 @@ def _run_service(service: Callable[..., Awaitable[Any]], *args: Any, graceful_li
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-async def _forever(start: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(start, *args, **kwargs))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -248,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.protect_metrics and not settings.api_keys:
         raise CLIError("--protect-metrics needs an API key (--api-key or API_KEY)")
     settings.protect_metrics = args.protect_metrics
-    return _run_service(_forever, serve, settings, graceful_limit=settings.shutdown_limit)
+    return _run_service(serve, settings, graceful_limit=settings.shutdown_limit)
 
 
 def _announce_new_token() -> str:
@@ -274,7 +314,7 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
     if not token_text:
         raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
     settings = _p2p_settings(args, token_text)
-    return _run_service(_forever, run_p2p_worker, settings, args.threads, args.cache_dir)
+    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir)
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
@@ -311,20 +351,26 @@ def cmd_worker_static(args: argparse.Namespace) -> int:
     from localp2p.worker import run_static_worker  # noqa: PLC0415
 
     spec = RpcServerSpec(host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir)
-    return _run_service(_forever, run_static_worker, spec)
+    return _run_service(run_static_worker, spec)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
+    """Parse ``argv`` and run its command; returns the exit code.
+
+    A user error prints one line (no traceback) and returns EXIT_STARTUP; Ctrl-C before
+    a command's service loop has its own signal handling returns EXIT_INTERRUPTED.
+    """
     try:
+        args = build_parser().parse_args(argv)
+        configure_logging(args.log_format, args.log_level)
+        # The first line a process logs (at debug): from here on a signal ends it without a traceback.
+        get_logger("localp2p").debug("starting", command=args.command, version=__version__, pid=os.getpid())
         return int(args.func(args))
     except (ConfigError, StartupError, CLIError) as exc:
         print(f"localp2p: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

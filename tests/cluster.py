@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import json
 import os
 import pathlib
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -21,6 +23,13 @@ import httpx
 LOCALP2P = [sys.executable, "-m", "localp2p.cli"]
 #: Generous bounds: these machines have 2 cores and are shared with the build.
 START_TIMEOUT = 120.0
+#: Seconds :func:`end_all` gives processes left at the end between SIGTERM and SIGKILL
+#: (a server's graceful stop with nothing in flight takes about a second).
+END_GRACE = 10.0
+#: prctl option: the signal a child gets when the thread that started it exits.
+_PR_SET_PDEATHSIG = 1
+#: libc's prctl, resolved now: a child between fork and exec must not load or look up anything.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def free_port() -> int:
@@ -51,8 +60,134 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def alive(pids: Sequence[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie counts as gone)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+    return running
+
+
+def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for ``pids`` to end; returns those still running."""
+    deadline = time.monotonic() + timeout
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes of this user whose environment has ``name=value`` (inherited by every
+    descendant, so it finds a process tree even after its parents died)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return alive(found)
+
+
+def sigkill(pids: Sequence[int]) -> None:
+    """SIGKILL each of ``pids`` that still exists (and may be signalled)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def json_log_lines(text: str) -> list[dict[str, Any]]:
+    """Every non-empty line of a stderr log, parsed as JSON; AssertionError names a line that is not."""
+    parsed = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"log line is not JSON: {line!r}") from None
+    return parsed
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child SIGTERMed when this process dies, even by SIGKILL.
+
+    ``PR_SET_PDEATHSIG`` fires when the parent *thread* exits, so it is only set for
+    children started from the main thread (None elsewhere: those rely on the registry,
+    see :func:`end_all`). SIGTERM: a `localp2p` stops its own children on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # in the child, between fork and exec
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+#: Every :class:`Proc` started and not yet known to be reaped, by pid, so that an
+#: interrupted run still ends them (:func:`kill_all`, :func:`end_all`).
+_LIVE: dict[int, Proc] = {}
+
+
+def _snapshot(procs: Sequence[Proc]) -> list[int]:
+    """Pids of ``procs`` still running and of all their descendants, taken before any is
+    signalled (a child whose parent died is re-parented and no longer found)."""
+    pids: list[int] = []
+    for proc in procs:
+        if proc.popen.poll() is None:
+            pids += [proc.pid, *descendants(proc.pid)]
+    return pids
+
+
+def kill_all() -> None:
+    """SIGKILL every registered process and every descendant of one, all at once.
+
+    Safe in a signal handler: it only sends signals (reaping is left to whoever
+    waits, or to :func:`end_all`). Never raises.
+    """
+    sigkill(_snapshot(list(_LIVE.values())))
+
+
+def end_all(grace: float = END_GRACE) -> None:
+    """End every process still registered: SIGTERM, up to ``grace`` seconds, then SIGKILL
+    for them and their descendants; reap them and close their logs.
+
+    For the end of a run (pytest_unconfigure, atexit): a test or fixture that stopped
+    what it started leaves nothing here. Never raises.
+    """
+    procs = list(_LIVE.values())
+    family = _snapshot(procs)
+    for proc in procs:
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+    sigkill([*family, *_snapshot(procs)])
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(grace)
+        proc.forget()
+
+
+atexit.register(end_all)
+
+
 class Proc:
-    """A localp2p subprocess: stdout lines queued for matching, stderr kept in a file."""
+    """A localp2p subprocess (or ``program``): stdout lines queued for matching, stderr kept in a file.
+
+    Registered until reaped (see :func:`end_all`), and SIGTERMed by the kernel if this
+    process dies first (see :func:`_die_with_this_process`).
+    """
 
     def __init__(
         self,
@@ -61,6 +196,7 @@ class Proc:
         name: str,
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
+        program: Sequence[str] = LOCALP2P,
     ) -> None:
         self.name = name
         #: the ready line, for helpers that wait for one (start_worker)
@@ -71,13 +207,15 @@ class Proc:
         full_env.update(env or {})
         full_env.setdefault("LOCALP2P_LOG_FORMAT", "console")
         self.popen = subprocess.Popen(
-            [*prefix, *LOCALP2P, *args],
+            [*prefix, *program, *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             stdin=subprocess.DEVNULL,
             env=full_env,
             start_new_session=True,
+            preexec_fn=_die_with_this_process(),  # noqa: PLW1509 - only prctl; see the function
         )
+        _LIVE[self.popen.pid] = self
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -108,6 +246,19 @@ class Proc:
             if needle in line:
                 return line
 
+    def wait_stderr(self, needle: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until ``needle`` appears in the stderr log (log lines, not stdout).
+
+        Raises TimeoutError, or RuntimeError when the process exits first.
+        """
+        deadline = time.monotonic() + timeout
+        while needle not in self.stderr():
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; stderr:\n{self.stderr()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no log line containing {needle!r}; stderr:\n{self.stderr()[-3000:]}")
+            time.sleep(0.05)
+
     def stderr(self) -> str:
         if not self._stderr.closed:
             self._stderr.flush()
@@ -121,23 +272,40 @@ class Proc:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._stderr.close()
+        self.forget()
         return self.popen.returncode
 
     def kill(self) -> None:
         """SIGKILL the whole process group (the process and every child it started)."""
-        for pid in [self.pid, *descendants(self.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        sigkill([self.pid, *descendants(self.pid)])
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait(10)
+        _LIVE.pop(self.pid, None)
+
+    def forget(self) -> None:
+        """Close the log; unregister once reaped (a live process stays for :func:`end_all`)."""
+        self._stderr.close()
+        if self.popen.returncode is not None:
+            _LIVE.pop(self.pid, None)
+
+
+@contextlib.contextmanager
+def stopped_on_error(proc: Proc) -> Iterator[Proc]:
+    """Stop ``proc`` when the block raises anything, Ctrl-C included: a start-up that fails
+    or is interrupted before the caller holds the process leaks nothing."""
+    try:
+        yield proc
+    except BaseException:
+        proc.stop()
+        raise
 
 
 def start_worker(log_dir: pathlib.Path, port: int | None = None, *extra: str, name: str | None = None) -> tuple[Proc, str]:
     port = port or free_port()
     proc = Proc(["worker", "llama-cpp-rpc", "127.0.0.1", str(port), "--threads", "1", *extra], log_dir, name or f"worker-{port}")
-    proc.ready_line = proc.wait_line("localp2p worker ready")
+    with stopped_on_error(proc):
+        proc.ready_line = proc.wait_line("localp2p worker ready")
     return proc, f"127.0.0.1:{port}"
 
 
@@ -195,7 +363,8 @@ def start_server(
     proc = Proc(["run", "--address", f"127.0.0.1:{port}", "--threads", "2", *args], log_dir, name, full_env)
     server = Server(proc, f"http://127.0.0.1:{port}")
     if wait:
-        server.wait_ready()
+        with stopped_on_error(proc):
+            server.wait_ready()
     return server
 
 
@@ -283,7 +452,8 @@ def p2p_worker(
         prefix=prefix,
     )
     if wait:
-        proc.wait_line("localp2p worker ready")
+        with stopped_on_error(proc):
+            proc.wait_line("localp2p worker ready")
     return proc
 
 
@@ -293,8 +463,15 @@ def worker_peer_id(worker: Proc) -> str:
 
 
 def p2p_server(
-    log_dir: pathlib.Path, token: str, *flags: str, name: str = "p2p-server", prefix: Sequence[str] = (), address: str = "127.0.0.1"
+    log_dir: pathlib.Path,
+    token: str,
+    *flags: str,
+    name: str = "p2p-server",
+    prefix: Sequence[str] = (),
+    address: str = "127.0.0.1",
+    wait: bool = True,
 ) -> Server:
+    """Start `localp2p run --p2p` with its own state dir; ``wait``: until it is ready."""
     port = free_port()
     proc = Proc(
         ["run", "--p2p", "--address", f"{address}:{port}", "--threads", "2", "--state-dir", str(log_dir / f"state-{name}"), *flags],
@@ -304,7 +481,9 @@ def p2p_server(
         prefix=prefix,
     )
     server = Server(proc, f"http://{address}:{port}")
-    server.wait_ready()
+    if wait:
+        with stopped_on_error(proc):
+            server.wait_ready()
     return server
 
 
