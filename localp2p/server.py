@@ -81,6 +81,9 @@ async def serve(
     failures are restarted by the supervisor. Once ``shutdown`` is set the listener
     closes, in-flight requests get up to ``settings.shutdown_grace`` seconds to finish, then the
     backend and the p2p node are stopped and this returns. Cancellation stops at once.
+    A graceful stop may come before ready (the backend loading, ``min_workers`` not
+    there yet): then this returns without ``task_status.started``, so callers that
+    can be stopped that early await it rather than ``nursery.start`` it (localp2p.cli).
     """
     workers = WorkerSet() if settings.p2p is not None else None
     supervisor = BackendSupervisor(
