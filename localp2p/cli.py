@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 
 import trio
 
-from localp2p import __version__
+from localp2p import __version__, cpumode
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
+from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.logs import FORMATS, LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging, get_logger
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protect-metrics", action="store_true", default=_env("PROTECT_METRICS") in ("1", "true"), help="/metrics needs an API key too (env PROTECT_METRICS=true)")
     run.add_argument("--shutdown-grace", type=_seconds, default=_env("SHUTDOWN_GRACE"), help="seconds in-flight requests get to finish after SIGTERM/SIGINT (env SHUTDOWN_GRACE; default 10)")
     run.add_argument("--failover-timeout", type=_seconds, metavar="SECONDS", default=_env("FAILOVER_TIMEOUT"), help="seconds a generation whose backend died may take to continue on the workers left (or locally) before it fails (env FAILOVER_TIMEOUT; default 60; 0: off)")
+    _add_cpu_mode_arg(run)
     _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -134,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     static.add_argument("port", type=_port)
     static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    _add_cpu_mode_arg(static)
     static.set_defaults(func=cmd_worker_static)
 
     p2p = command(kinds, "p2p-llama-cpp-rpc", "a llama.cpp rpc-server lent to the network of TOKEN over libp2p")
     p2p.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
     p2p.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     p2p.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    _add_cpu_mode_arg(p2p)
     _add_p2p_args(p2p)
     p2p.set_defaults(func=cmd_worker_p2p)
 
@@ -159,8 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP address whose port should be free (env ADDRESS)")
     doctor.add_argument("--p2ptoken", default=None, help="check this network token (env P2P_TOKEN or TOKEN)")
     doctor.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="check mDNS even without a token")
+    _add_cpu_mode_arg(doctor)
     doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+def _cpu_mode(text: str) -> CpuMode:
+    try:
+        return cpumode.parse(text)
+    except cpumode.CpuModeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_cpu_mode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu-mode",
+        type=_cpu_mode,
+        default=_env(cpumode.MODE_ENV, CpuMode.DEFAULT.value),
+        metavar="MODE",
+        help="llama.cpp's CPU fast paths: default (all but AMX), amx (AMX too: opt in), safe (the plainest code) "
+        f"(env {cpumode.MODE_ENV})",
+    )
 
 
 def _add_p2p_args(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready_wait=args.ready_timeout,
         models_path=args.models_path,
         min_workers=args.min_workers,
+        cpu_mode=args.cpu_mode,
     )
     if args.p2p:
         token_text = args.p2ptoken or _env("P2P_TOKEN") or _env("TOKEN")
@@ -314,7 +338,7 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
     if not token_text:
         raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
     settings = _p2p_settings(args, token_text)
-    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir)
+    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode)
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
@@ -342,6 +366,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         token=args.p2ptoken or _env("P2P_TOKEN") or _env("TOKEN"),
         p2p=args.p2p,
         rpc_servers_text=_env(RPC_SERVERS_ENV),
+        cpu_mode=args.cpu_mode,
     )
     return report(settings)
 
@@ -350,7 +375,9 @@ def cmd_worker_static(args: argparse.Namespace) -> int:
     from localp2p.supervisor import RpcServerSpec  # noqa: PLC0415
     from localp2p.worker import run_static_worker  # noqa: PLC0415
 
-    spec = RpcServerSpec(host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir)
+    spec = RpcServerSpec(
+        host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir, cpu_mode=args.cpu_mode
+    )
     return _run_service(run_static_worker, spec)
 
 
