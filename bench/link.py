@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from localp2p.rpc import recv_exact
-from localp2p.token import NetworkToken
+from localp2p.llama.rpc import recv_exact
+from localp2p.p2p.token import NetworkToken
 
 from .procs import Procs
 from .stats import CpuWatch, percentile, process_cpu_s, summary

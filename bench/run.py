@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any
 
-from localp2p.rpc import PROTOCOL_VERSION
+from localp2p.llama.rpc import PROTOCOL_VERSION
 
 from . import cpumodes, discovery, generation, link, models, report
 from .procs import ROOT, Procs

@@ -33,7 +33,7 @@ from multiaddr import Multiaddr
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.node import open_node
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, TunnelStats, serve_tunnel, tunnel_handler
-from localp2p.token import NetworkToken
+from localp2p.p2p.token import NetworkToken
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 CHUNK = 256 * 1024

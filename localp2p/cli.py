@@ -210,7 +210,7 @@ def _add_p2p_args(parser: argparse.ArgumentParser) -> None:
 
 def _p2p_settings(args: argparse.Namespace, token_text: str | None) -> Any:
     from localp2p.p2p.network import DEFAULT_LISTEN, P2PSettings, default_state_dir  # noqa: PLC0415
-    from localp2p.token import NetworkToken, TokenError  # noqa: PLC0415
+    from localp2p.p2p.token import NetworkToken, TokenError  # noqa: PLC0415
 
     try:
         token = NetworkToken.parse(token_text or "")
@@ -283,7 +283,7 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from localp2p.server import ServerSettings, serve  # noqa: PLC0415 - keep --help fast
+    from localp2p.server.run import ServerSettings, serve  # noqa: PLC0415 - keep --help fast
 
     settings = ServerSettings(
         address=args.address,
@@ -317,7 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _announce_new_token() -> str:
     """Generate a network token and print it once, with the command that starts a worker."""
-    from localp2p.token import NetworkToken  # noqa: PLC0415
+    from localp2p.p2p.token import NetworkToken  # noqa: PLC0415
 
     text = NetworkToken.generate().encode()
     print(
@@ -332,7 +332,7 @@ def _announce_new_token() -> str:
 
 
 def cmd_worker_p2p(args: argparse.Namespace) -> int:
-    from localp2p.worker import run_p2p_worker  # noqa: PLC0415
+    from localp2p.worker.main import run_p2p_worker  # noqa: PLC0415
 
     token_text = args.token or _env("TOKEN") or _env("P2P_TOKEN")
     if not token_text:
@@ -342,7 +342,7 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
-    from localp2p.token import NetworkToken  # noqa: PLC0415
+    from localp2p.p2p.token import NetworkToken  # noqa: PLC0415
 
     print(NetworkToken.generate().encode())
     return 0
@@ -372,8 +372,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_static(args: argparse.Namespace) -> int:
-    from localp2p.supervisor import RpcServerSpec  # noqa: PLC0415
-    from localp2p.worker import run_static_worker  # noqa: PLC0415
+    from localp2p.worker.rpc_server import RpcServerSpec  # noqa: PLC0415
+    from localp2p.worker.main import run_static_worker  # noqa: PLC0415
 
     spec = RpcServerSpec(
         host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir, cpu_mode=args.cpu_mode

@@ -96,7 +96,7 @@ def check_gguf(path: pathlib.Path) -> None:
 
 def parse_rpc_servers(text: str | None) -> tuple[str, ...]:
     """Parse ``host:port,host:port`` (LocalAI's LLAMACPP_GRPC_SERVERS); raises ConfigError."""
-    from localp2p.rpc import parse_endpoint  # noqa: PLC0415 - avoid a cycle at import
+    from localp2p.llama.rpc import parse_endpoint  # noqa: PLC0415 - avoid a cycle at import
 
     servers = []
     for part in (text or "").split(","):

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from localp2p import cpumode, rpc
+from localp2p import cpumode
+from localp2p.llama import rpc
 from localp2p.config import ConfigError, ModelConfig, embedded_model_path, load_models, parse_rpc_servers
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
@@ -222,7 +223,7 @@ def check_http_port(address: str) -> Check:
 
 def check_token(text: str) -> Check:
     """The network token parses (the message never echoes the token)."""
-    from localp2p.token import NetworkToken, TokenError  # noqa: PLC0415
+    from localp2p.p2p.token import NetworkToken, TokenError  # noqa: PLC0415
 
     try:
         token = NetworkToken.parse(text)

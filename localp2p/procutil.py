@@ -13,8 +13,19 @@ import trio
 
 #: Seconds a child gets between SIGTERM and SIGKILL.
 STOP_GRACE = 5.0
+#: First delay before restarting a crashed child; doubles per crash in a row, up to the max.
+RESTART_BACKOFF_MIN = 0.2
+RESTART_BACKOFF_MAX = 10.0
+#: A child that stayed up this long counts as healthy again (backoff resets).
+HEALTHY_AFTER = 30.0
+#: Poll interval while waiting for a child to come up.
+READY_POLL = 0.05
 #: How often a child checks that its parent is still alive.
 PARENT_POLL = 0.5
+
+
+class ChildExited(Exception):
+    """A child process exited before it became ready."""
 
 
 def die_with_parent() -> None:

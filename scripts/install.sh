@@ -93,7 +93,7 @@ say "generating gRPC stubs from proto/backend.proto"
 
 "$PY" - <<'PY'
 import llama_cpp
-from localp2p import rpc
+from localp2p.llama import rpc
 from localp2p.config import embedded_model_path
 print(f"==> ok: llama-cpp-python {llama_cpp.__version__}, RPC protocol {rpc.protocol_version()}, model {embedded_model_path()}")
 PY

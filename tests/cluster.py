@@ -514,7 +514,7 @@ def rpc_server_child(worker: Proc) -> tuple[int, list[str]]:
             argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if "localp2p._rpc_server" in argv:
+        if "localp2p.worker.rpc_child" in argv:
             return pid, argv
     raise AssertionError("the worker has no rpc-server child")
 

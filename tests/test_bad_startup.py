@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from cluster import LOCALP2P, free_port, start_server, start_worker
-from localp2p import rpc
+from localp2p.llama import rpc
 
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

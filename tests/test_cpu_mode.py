@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from cluster import Proc, Server, rpc_server_child, start_server, start_worker, stream_text
-from localp2p import cpumode, rpc
+from localp2p import cpumode
+from localp2p.llama import rpc
 from localp2p.genmodel import Shape, write_model
 
 PROMPT = "Name three colours of the rainbow."

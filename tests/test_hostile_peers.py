@@ -37,7 +37,7 @@ from localp2p.p2p.auth import AUTH_PROTOCOL, AUTH_TIMEOUT, AuthError, AuthGate
 from localp2p.p2p.liveness import PING_PROTOCOL
 from localp2p.p2p.node import MAX_INBOUND_STREAMS, P2PNode, open_node
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL
-from localp2p.token import NetworkToken
+from localp2p.p2p.token import NetworkToken
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 IDENTIFY = "/ipfs/id/1.0.0"

@@ -141,8 +141,8 @@ def test_tunnel_bytes_are_read_from_the_worker_set() -> None:
 
     from localp2p.config import load_models
     from localp2p.metrics import Metrics
-    from localp2p.supervisor import BackendSupervisor
-    from localp2p.workers import ONLINE, Worker, WorkerSet
+    from localp2p.server.supervisor import BackendSupervisor
+    from localp2p.server.worker_set import ONLINE, Worker, WorkerSet
 
     workers = WorkerSet()
     alive = workers.upsert(Worker(peer_id="12D3KooWalive", state=ONLINE, tunnel_port=40001))

@@ -10,13 +10,13 @@ topology so the model is loaded by only two server processes:
 (e) worker 2 is SIGKILLed mid-stream (and started again).
 (c) worker 1 is restarted with --cache-dir on a 2 MiB tmpfs (the guard's threshold
     lowered to 1 MiB so it starts with the cache): the load fills it, llama.cpp leaves
-    truncated cache files; the worker's disk guard (localp2p/tensor_cache.py) stops the
+    truncated cache files; the worker's disk guard (localp2p/worker/tensor_cache.py) stops the
     rpc-server, deletes them and restarts it without the cache; the answer stays the
     reference one, also after a later reload. (The model is a generated one with 11 MiB
     F16 tensors, as in test_tensor_cache.py: llama.cpp caches only tensors above 10 MiB.)
 
 (b), (d) and (e) break a generation mid-stream. (d) and (e) expect mid-stream failover
-(localp2p/failover.py: the API continues a broken generation on what is left, from the
+(localp2p/server/failover.py: the API continues a broken generation on what is left, from the
 tokens already produced): the stream ends with [DONE], no error event, the same text as
 an uninterrupted run at temperature 0. Full service after each fault is checked by the
 tests that follow them.
@@ -46,7 +46,7 @@ import pytest
 from cluster import Proc, Server, free_port, new_token, p2p_worker, wait_for_workers, worker_peer_id
 from netns import Topology, netns_unavailable_reason, topology
 from localp2p.genmodel import write_model
-from localp2p.tensor_cache import CACHE_MIN_FREE_ENV
+from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
 from test_p2p_netns import NamespaceForward
 from test_tensor_cache import CACHE_SHAPE
 

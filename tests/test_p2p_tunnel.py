@@ -1,7 +1,7 @@
-"""Tests for localp2p.token, localp2p.p2p.auth and localp2p.p2p.tunnel (plain trio.run).
+"""Tests for localp2p.p2p.token, localp2p.p2p.auth and localp2p.p2p.tunnel (plain trio.run).
 
 Run: .venv/bin/python -m pytest tests/test_p2p_tunnel.py -q
-The rpc test starts a real llama.cpp rpc-server child (``python -m localp2p._rpc_server``).
+The rpc test starts a real llama.cpp rpc-server child (``python -m localp2p.worker.rpc_child``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from localp2p import rpc
+from localp2p.llama import rpc
 from localp2p.p2p import auth as auth_mod
 from localp2p.p2p.auth import AUTH_PROTOCOL, AUTH_TIMEOUT, AuthError, AuthGate
 from localp2p.p2p.node import P2PNode, open_node
@@ -36,7 +36,7 @@ from localp2p.p2p.tunnel import (
     serve_tunnel,
     tunnel_handler,
 )
-from localp2p.token import NetworkToken, TokenError
+from localp2p.p2p.token import NetworkToken, TokenError
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 WORKER_HELLO: dict[str, Any] = {"name": "w1", "rpc_version": "7.0.0", "memory": {"free": 1 << 30, "total": 2 << 30}}
@@ -434,7 +434,7 @@ def rpc_server() -> Any:
     port = rpc.free_port()
     endpoint = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "localp2p._rpc_server", endpoint, "--threads", "1"],
+        [sys.executable, "-m", "localp2p.worker.rpc_child", endpoint, "--threads", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

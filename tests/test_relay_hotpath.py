@@ -13,7 +13,7 @@ import pytest
 import trio
 from libp2p.io.trio import TrioTCPStream
 
-from localp2p import rpc
+from localp2p.llama import rpc
 from localp2p.p2p import hotpath
 from localp2p.p2p.node import P2PNode  # noqa: F401 - importing the node installs the hot path
 

@@ -3,7 +3,7 @@
 A backend (re)started while a worker's rpc-server is down for a moment (its worker is
 restarting it: after a crash, or the tensor-cache guard) skips that rpc-server. The
 supervisor probes the skipped ones it still wants and reloads once one answers
-(localp2p/supervisor.py, ``_watch_skipped``); without that the backend would run without
+(localp2p/server/supervisor.py, ``_watch_skipped``); without that the backend would run without
 the worker until something else changed. Shown here in static mode: one of the two
 ``LLAMACPP_GRPC_SERVERS`` is started only after the server is ready.
 """

@@ -1,4 +1,4 @@
-"""The guard on a worker's tensor-cache disk (localp2p/tensor_cache.py), without root: real
+"""The guard on a worker's tensor-cache disk (localp2p/worker/tensor_cache.py), without root: real
 workers and servers; the disk's free space is moved against LOCALP2P_CACHE_MIN_FREE_MB by
 setting the threshold relative to what is free now (tests/test_p2p_faults.py fills a real
 tmpfs, as root)."""
@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 
 from cluster import LOCALP2P, Proc, Server, free_port, rpc_server_child, start_server, start_worker
-from localp2p.tensor_cache import CACHE_MIN_FREE_ENV
+from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
 from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 
 #: Bytes the first load writes to the cache: ffn gate/up/down of each layer, F16.

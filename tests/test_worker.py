@@ -8,7 +8,7 @@ import signal
 import time
 
 from cluster import Proc, descendants, free_port, start_worker
-from localp2p import rpc
+from localp2p.llama import rpc
 
 
 def _rpc_child(worker: Proc) -> int:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from localp2p._proto import backend_pb2_grpc as pb_grpc  # noqa: PLC0415
 
-    from .server import LlamaBackend  # noqa: PLC0415
+    from .service import LlamaBackend  # noqa: PLC0415
 
     options = [
         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from localp2p import rpc
+from localp2p.llama import rpc
 
 #: Tensors that make up the output layer (``token_embd`` stands in for it when tied).
 OUTPUT_TENSOR_PATTERN = rb"^(output|output_norm|token_embd)\.(weight|bias)$"

@@ -14,14 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localp2p import __version__
-from localp2p.api.auth import RequireAPIKey
+from localp2p.api.api_keys import RequireAPIKey
 from localp2p.api.errors import error_body, error_response, install_error_handlers
 from localp2p.api.page import router as page_router
 from localp2p.api.v1 import router as v1_router
 from localp2p.logs import get_logger
 from localp2p.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from localp2p.metrics import UNMATCHED, Metrics, RequestRecord
-from localp2p.supervisor import BackendSupervisor
+from localp2p.server.supervisor import BackendSupervisor
 
 log = get_logger("http")
 
@@ -182,7 +182,7 @@ def create_app(
     """Build the app around a running supervisor (the app only reads its state).
 
     With ``api_keys``, ``/v1/*`` and ``/api/*`` (and ``/metrics`` with
-    ``protect_metrics``) need one of them (see :mod:`localp2p.api.auth`).
+    ``protect_metrics``) need one of them (see :mod:`localp2p.api.api_keys`).
     """
     app = FastAPI(title="localp2p", version=__version__, docs_url=None, redoc_url=None)
     app.state.supervisor = supervisor

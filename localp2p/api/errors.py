@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from localp2p.backend_client import BackendError
+from localp2p.server.backend_client import BackendError
 
 
 class APIError(Exception):

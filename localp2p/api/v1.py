@@ -14,14 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from localp2p import failover
+from localp2p.server import failover
 from localp2p._proto import backend_pb2 as pb
 from localp2p.api.errors import APIError, backend_error_body
 from localp2p.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
-from localp2p.backend_client import BackendError
+from localp2p.server.backend_client import BackendError
 from localp2p.config import ModelConfig
 from localp2p.metrics import RequestRecord
-from localp2p.supervisor import BackendSupervisor
+from localp2p.server.supervisor import BackendSupervisor
 
 router = APIRouter(prefix="/v1")
 
@@ -44,7 +44,7 @@ def _record(request: Request) -> RequestRecord:
 
 def _generation(request: Request, model: ModelConfig, options: pb.PredictOptions) -> AsyncGenerator[pb.Reply, None]:
     """The replies of one generation, continued on a restarted backend if the backend dies
-    (bounded by ``--failover-timeout``; see localp2p.failover). Close it when done."""
+    (bounded by ``--failover-timeout``; see localp2p.server.failover). Close it when done."""
     timeout = getattr(request.app.state, "failover_timeout", failover.DEFAULT_FAILOVER_TIMEOUT)
     return failover.generate(_supervisor(request), model.name, options, timeout)
 
@@ -53,7 +53,7 @@ async def _whole_reply(request: Request, model: ModelConfig, options: pb.Predict
     """Run a generation to its end and return it as one Reply (for a response sent whole).
 
     Streamed from the backend internally, so a failover keeps the tokens already made.
-    Raises BackendError like :func:`localp2p.failover.generate`.
+    Raises BackendError like :func:`localp2p.server.failover.generate`.
     """
     parts: list[bytes] = []
     final = pb.Reply()

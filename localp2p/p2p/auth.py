@@ -46,7 +46,7 @@ from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
 from localp2p.logs import get_logger
-from localp2p.token import NetworkToken
+from localp2p.p2p.token import NetworkToken
 
 from .node import P2PNode, remote_peer_id
 

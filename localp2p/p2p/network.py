@@ -25,7 +25,7 @@ from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.dht import NodeDHT, run_dht
 from localp2p.p2p.discovery import Candidate, add_dht_peer, run_dht_discovery, run_mdns
 from localp2p.p2p.node import IdentityClaim, P2PNode, claim_identity, serve_node
-from localp2p.token import NetworkToken
+from localp2p.p2p.token import NetworkToken
 
 log = get_logger("p2p")
 quiet_libp2p_logging()

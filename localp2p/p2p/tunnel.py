@@ -28,7 +28,7 @@ connection speaks ggml-RPC (its first request is HELLO), the TCP -> libp2p
 direction sends each burst as one frame: the server end holds requests the
 rpc-server never answers (SET_TENSOR, GRAPH_COMPUTE...) until the request that
 is waited for, the worker end holds a reply until it is whole
-(:class:`~localp2p.rpc.MessageBoundaries`), never longer than
+(:class:`~localp2p.llama.rpc.MessageBoundaries`), never longer than
 :data:`HOLD_TIMEOUT`. Per generated token that is one frame each way per worker
 instead of five or six: every frame costs both ends Python time in Noise and
 Yamux, on the token's critical path. An EOF in one
@@ -54,7 +54,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from localp2p.logs import get_logger
-from localp2p.rpc import RPC_CMD_HELLO, MessageBoundaries, parse_endpoint
+from localp2p.llama.rpc import RPC_CMD_HELLO, MessageBoundaries, parse_endpoint
 
 from .auth import AuthGate, Role, shielded_write
 from .node import P2PNode, StreamHandler, remote_peer_id

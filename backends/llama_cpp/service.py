@@ -23,11 +23,12 @@ from typing import Any
 import grpc
 import structlog
 
-from localp2p import cpumode, rpc
+from localp2p import cpumode
+from localp2p.llama import rpc
 from localp2p._proto import backend_pb2 as pb
 from localp2p._proto import backend_pb2_grpc as pb_grpc
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
-from localp2p.layers import assign_layers
+from localp2p.llama.layers import assign_layers
 
 from .continuation import tracked_generation
 from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, progress_callback

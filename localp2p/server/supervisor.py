@@ -1,13 +1,12 @@
-"""Supervised child processes: the backend (server side) and the rpc-server (worker side).
+"""The backend supervisor of `localp2p run`: the llama.cpp backend as a supervised child.
 
-Both are children because llama.cpp aborts its whole process when an RPC peer
-fails; a child that dies is restarted, and the trio app around it stays up.
+The backend is a child because llama.cpp aborts its whole process when an RPC peer
+fails; a backend that dies is restarted, and the trio app around it stays up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import pathlib
 import tempfile
@@ -18,23 +17,27 @@ from typing import Protocol
 
 import trio
 
-from localp2p import cpumode, rpc
+from localp2p import cpumode
+from localp2p.llama import rpc
 from localp2p._proto import backend_pb2 as pb
-from localp2p.backend_client import BACKEND_FAILED, BackendClient, BackendError
+from localp2p.server.backend_client import BACKEND_FAILED, BackendClient, BackendError
 from localp2p.config import RPC_SERVERS_ENV, ModelConfig
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.logs import get_logger
-from localp2p.procutil import python_module_argv, start_child, stop_child
-from localp2p.tensor_cache import CacheGuard, cache_min_free
+from localp2p.procutil import (
+    HEALTHY_AFTER,
+    READY_POLL,
+    RESTART_BACKOFF_MAX,
+    RESTART_BACKOFF_MIN,
+    ChildExited,
+    python_module_argv,
+    start_child,
+    stop_child,
+)
 
 log = get_logger("supervisor")
 
-#: First delay before restarting a crashed child; doubles per crash in a row, up to the max.
-RESTART_BACKOFF_MIN = 0.2
-RESTART_BACKOFF_MAX = 10.0
-#: A child that stayed up this long counts as healthy again (backoff resets).
-HEALTHY_AFTER = 30.0
 #: Crashes in a row of a serving backend restarted at once, before the backoff starts: one
 #: crash (a worker lost mid-request, a killed process) is no crash loop, and failing-over
 #: requests wait for it. A backend that fails to start or load waits the backoff (a worker
@@ -42,10 +45,6 @@ HEALTHY_AFTER = 30.0
 IMMEDIATE_BACKEND_RESTARTS = 1
 #: Seconds a fresh backend process gets to answer Health.
 BACKEND_START_TIMEOUT = 60.0
-#: Seconds a fresh rpc-server gets to answer HELLO.
-RPC_SERVER_START_TIMEOUT = 30.0
-#: Poll interval while waiting for a child to come up.
-READY_POLL = 0.05
 #: Default bound on how long a request waits for the backend to become ready.
 REQUEST_READY_WAIT = 120.0
 #: Longest a reload waits for in-flight requests before restarting the backend anyway.
@@ -83,108 +82,10 @@ CRASH_EXIT_WAIT = 1.0
 CACHED_LOAD_SHARE = 0.05
 
 
-class ChildExited(Exception):
-    """A child process exited before it became ready."""
-
-
 class QueueFull(BackendError):
     """Admission control refused a request: ``max_queue`` requests are already admitted."""
 
     retry_after: int = QUEUE_FULL_RETRY_AFTER
-
-
-# --- worker side: llama.cpp rpc-server ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RpcServerSpec:
-    """How to run one rpc-server child."""
-
-    host: str
-    port: int
-    threads: int = 0
-    cache_dir: str | None = None
-    cpu_mode: CpuMode = CpuMode.DEFAULT
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def argv(self, *, cache: bool = True) -> list[str]:
-        """The child's command line; ``cache=False`` leaves the tensor cache off (see tensor_cache)."""
-        args = [self.endpoint, "--threads", str(self.threads or os.cpu_count() or 1)]
-        if self.cache_dir and cache:
-            args += ["--cache-dir", self.cache_dir]
-        return python_module_argv("localp2p._rpc_server", *args)
-
-
-async def _wait_rpc_ready(process: trio.Process, endpoint: str) -> rpc.ServerInfo:
-    with trio.fail_after(RPC_SERVER_START_TIMEOUT):
-        while True:
-            if process.returncode is not None:
-                raise ChildExited(f"rpc-server exited with code {process.returncode} before it was ready")
-            try:
-                return await trio.to_thread.run_sync(rpc.probe, endpoint, 1.0)
-            except rpc.RPCError:
-                await trio.sleep(READY_POLL)
-
-
-async def supervise_rpc_server(
-    spec: RpcServerSpec, *, task_status: trio.TaskStatus[rpc.ServerInfo] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Run llama.cpp's rpc-server as a child for as long as this task lives.
-
-    ``task_status.started`` gets the HELLO answer of the first healthy start. A child
-    that dies later is restarted with backoff. Raises StartupError when the very first
-    start fails (e.g. the port is taken). Cancellation stops the child.
-
-    With a cache dir, each start uses it only while its disk has room, and a child
-    whose cache disk runs low is stopped and restarted without it (localp2p.tensor_cache).
-    A child that dies of a native crash (SIGSEGV, SIGILL, SIGBUS) is restarted in safe
-    CPU mode, and stays there (localp2p.cpumode).
-    """
-    first = True
-    backoff = RESTART_BACKOFF_MIN
-    guard = CacheGuard(spec.cache_dir, cache_min_free()) if spec.cache_dir else None
-    mode = spec.cpu_mode
-    while True:
-        cached = guard is not None and await guard.usable()
-        process = await start_child(spec.argv(cache=cached), cpumode.child_env(mode))
-        code: int | None = None  # exit code of a child that ended by itself
-        try:
-            try:
-                info = await _wait_rpc_ready(process, spec.endpoint)
-            except (ChildExited, trio.TooSlowError) as exc:
-                code = process.returncode
-                to_safe_mode = cpumode.is_native_crash(code) and mode is not CpuMode.SAFE
-                if first and not to_safe_mode:
-                    raise StartupError(f"rpc-server on {spec.endpoint} did not start: {exc}") from None
-                log.warning("rpc-server failed to start", endpoint=spec.endpoint, error=str(exc))
-            else:
-                if first:
-                    first = False
-                    task_status.started(dataclasses.replace(info, cache_dir=spec.cache_dir if cached else None))
-                else:
-                    log.info("rpc-server restarted", endpoint=spec.endpoint, pid=process.pid)
-                up_since = time.monotonic()
-                code = await guard.serve(process) if guard is not None and cached else await process.wait()
-                if code is None or time.monotonic() - up_since > HEALTHY_AFTER:  # None: stopped by the guard
-                    backoff = RESTART_BACKOFF_MIN
-                if code is not None:
-                    log.warning("rpc-server exited; restarting", endpoint=spec.endpoint, code=code, in_s=backoff)
-        finally:
-            await stop_child(process)
-        if cpumode.is_native_crash(code) and mode is not CpuMode.SAFE:
-            assert code is not None
-            mode, backoff = CpuMode.SAFE, RESTART_BACKOFF_MIN
-            log.error(
-                "SAFE MODE: the rpc-server crashed in llama.cpp's CPU code; restarting it in safe CPU mode (slower)",
-                endpoint=spec.endpoint,
-                signal=cpumode.signal_name(code),
-                mode=mode.describe(),
-            )
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
 
 # --- server side: the gRPC backend ---------------------------------------------------------
@@ -280,7 +181,7 @@ def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) 
 
 
 class WorkerSource(Protocol):
-    """What the supervisor reads from the worker set (see localp2p.workers.WorkerSet)."""
+    """What the supervisor reads from the worker set (see localp2p.server.worker_set.WorkerSet)."""
 
     version: int
 

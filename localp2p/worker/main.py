@@ -14,8 +14,8 @@ from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
 from localp2p.p2p.network import Network, P2PSettings, run_network
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
-from localp2p.rpc import free_port
-from localp2p.supervisor import RpcServerSpec, supervise_rpc_server
+from localp2p.llama.rpc import free_port
+from localp2p.worker.rpc_server import RpcServerSpec, supervise_rpc_server
 
 log = get_logger("worker")
 

@@ -1,6 +1,6 @@
-"""Child process that runs llama.cpp's rpc-server: ``python -m localp2p._rpc_server HOST:PORT``.
+"""Child process that runs llama.cpp's rpc-server: ``python -m localp2p.worker.rpc_child HOST:PORT``.
 
-Started and restarted by :func:`localp2p.supervisor.supervise_rpc_server`; not a user
+Started and restarted by :func:`localp2p.worker.rpc_server.supervise_rpc_server`; not a user
 command. It dies with its parent, so a killed worker leaves no server behind.
 """
 
@@ -11,13 +11,14 @@ import os
 import signal
 import sys
 
-from localp2p import cpumode, rpc
+from localp2p import cpumode
+from localp2p.llama import rpc
 from localp2p.procutil import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    parser = argparse.ArgumentParser(prog="python -m localp2p._rpc_server")
+    parser = argparse.ArgumentParser(prog="python -m localp2p.worker.rpc_child")
     parser.add_argument("endpoint")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache-dir", default=None)

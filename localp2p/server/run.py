@@ -15,13 +15,13 @@ from localp2p.api import create_app
 from localp2p.config import ModelConfig
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
-from localp2p.failover import DEFAULT_FAILOVER_TIMEOUT
+from localp2p.server.failover import DEFAULT_FAILOVER_TIMEOUT
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free
-from localp2p.rpc import parse_endpoint
+from localp2p.llama.rpc import parse_endpoint
 from localp2p.p2p.network import Network, P2PSettings, run_network
-from localp2p.supervisor import DEFAULT_MAX_QUEUE, REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
-from localp2p.workers import WorkerAttacher, WorkerSet
+from localp2p.server.supervisor import DEFAULT_MAX_QUEUE, REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
+from localp2p.server.worker_set import WorkerAttacher, WorkerSet
 
 log = get_logger("server")
 
@@ -44,7 +44,7 @@ class ServerSettings:
     min_workers: int = 0
     max_queue: int = DEFAULT_MAX_QUEUE
     shutdown_grace: float = SHUTDOWN_GRACE
-    api_keys: tuple[str, ...] = ()  # any set: /v1/* and /api/* need one (localp2p.api.auth)
+    api_keys: tuple[str, ...] = ()  # any set: /v1/* and /api/* need one (localp2p.api.api_keys)
     protect_metrics: bool = False  # /metrics needs a key too
     failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT  # seconds to continue a generation after a backend failure; 0: off
     cpu_mode: CpuMode = CpuMode.DEFAULT  # llama.cpp's CPU fast paths (localp2p.cpumode); safe after a native crash

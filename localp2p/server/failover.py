@@ -16,9 +16,9 @@ from collections.abc import AsyncGenerator
 import trio
 
 from localp2p._proto import backend_pb2 as pb
-from localp2p.backend_client import BACKEND_FAILED, BackendClient, BackendError
+from localp2p.server.backend_client import BACKEND_FAILED, BackendClient, BackendError
 from localp2p.logs import get_logger
-from localp2p.supervisor import BackendSupervisor
+from localp2p.server.supervisor import BackendSupervisor
 
 log = get_logger("failover")
 

@@ -1,0 +1,1 @@
+"""What runs in `localp2p worker …`: the worker's main, its rpc-server child, the tensor cache guard."""
