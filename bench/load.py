@@ -4,7 +4,7 @@ Workers run with ``--cache-dir`` (fresh, empty directories). The "reload" is a n
 server process loading the same model on the same workers, which is what a server
 restart or a backend reload after a worker-set change does.
 
-* direct TCP: each worker sits behind a counting TCP relay (tests/cluster.py
+* direct TCP: each worker sits behind a counting TCP relay (localp2p/testing/cluster.py
   ``CountingProxy``); bytes are what crossed it towards the worker.
 * tunnels: bytes are ``GET /api/p2p`` ``workers[].bytes_sent`` (server -> worker).
 

@@ -1,4 +1,4 @@
-"""Processes for the benchmarks: started through tests/cluster.py, all tracked, all stopped.
+"""Processes for the benchmarks: started through localp2p/testing/cluster.py, all tracked, all stopped.
 
 Every process the bench starts is registered in one :class:`Procs` and stopped (SIGTERM,
 then SIGKILL for it and every descendant it left) when the run ends, fails or is
@@ -16,16 +16,14 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from localp2p.testing import cluster
+from localp2p.testing.cluster import CountingProxy, Proc, Server, free_port, p2p_state, wait_for_workers, worker_peer_id
 
-import cluster  # noqa: E402  (tests/cluster.py: the helpers the test suite uses)
-from cluster import CountingProxy, Proc, Server, free_port, p2p_state, wait_for_workers, worker_peer_id  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 __all__ = [
     "Command",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from cluster import Proc, Server, end_all, kill_all, start_server, start_worker
+from localp2p.testing.cluster import Proc, Server, end_all, kill_all, start_server, start_worker
 
 #: The signals that stop a test run (Ctrl-C; `kill`, CI cancelling a job).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

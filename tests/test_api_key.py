@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import LOCALP2P, Server, start_server
+from localp2p.testing.cluster import LOCALP2P, Server, start_server
 
 KEYS = ("first-key", "second-key")
 CHAT = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}

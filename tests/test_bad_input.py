@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster import Server
+from localp2p.testing.cluster import Server
 
 
 def _assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import LOCALP2P, free_port, start_server, start_worker
+from localp2p.testing.cluster import LOCALP2P, free_port, start_server, start_worker
 from localp2p.llama import rpc
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cluster import LOCALP2P, json_log_lines, start_server
+from localp2p.testing.cluster import LOCALP2P, json_log_lines, start_server
 
 #: Seconds a command that only parses, logs one line and exits may take on a busy 2-core machine.
 QUICK_TIMEOUT = 60

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import Proc, Server, rpc_server_child, start_server, start_worker, stream_text
+from localp2p.testing.cluster import Proc, Server, rpc_server_child, start_server, start_worker, stream_text
 from localp2p import cpumode
 from localp2p.llama import rpc
 from localp2p.genmodel import Shape, write_model

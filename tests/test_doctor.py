@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import LOCALP2P, Proc, free_port, new_token, start_worker
+from localp2p.testing.cluster import LOCALP2P, Proc, free_port, new_token, start_worker
 from localp2p import cpumode
 from localp2p.config import embedded_model_path
 

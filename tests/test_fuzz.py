@@ -20,7 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from cluster import Server, start_server
+from localp2p.testing.cluster import Server, start_server
 from localp2p.config import embedded_model_path
 
 #: Context of the fuzzed model: bounds every generation the fuzzer can ask for.

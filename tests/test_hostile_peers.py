@@ -30,7 +30,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux import yamux as ymod
 from multiaddr import Multiaddr
 
-from cluster import Proc, Server, new_token, p2p_server, p2p_state, p2p_worker, rpc_server_connections, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import Proc, Server, new_token, p2p_server, p2p_state, p2p_worker, rpc_server_connections, wait_for_workers, worker_peer_id
 from localp2p.p2p import auth as auth_mod
 from localp2p.p2p import node as node_mod
 from localp2p.p2p.auth import AUTH_PROTOCOL, AUTH_TIMEOUT, AuthError, AuthGate

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 
-from cluster import (
+from localp2p.testing.cluster import (
     Proc,
     new_token,
     p2p_server,

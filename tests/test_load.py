@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster import Server, start_server
+from localp2p.testing.cluster import Server, start_server
 
 CHAT = "/v1/chat/completions"
 #: An abandoned 2000-token generation must stop far short of its end. Not a timing

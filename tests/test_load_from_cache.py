@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-from cluster import new_token, p2p_server, p2p_worker, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import new_token, p2p_server, p2p_worker, wait_for_workers, worker_peer_id
 from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 
 #: Bytes of the tensors llama.cpp caches (ffn gate/up/down, F16) on the worker.

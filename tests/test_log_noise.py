@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 
-from cluster import Proc, new_token, p2p_server, p2p_state, p2p_worker, worker_peer_id
+from localp2p.testing.cluster import Proc, new_token, p2p_server, p2p_state, p2p_worker, worker_peer_id
 
 from localp2p.logs import LIBRARY_REPEAT_INTERVAL, RepeatLimitFilter
 

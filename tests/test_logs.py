@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cluster import Server, start_server, stream_text
+from localp2p.testing.cluster import Server, start_server, stream_text
 
 REQUEST_ID = "test-abc123"
 STREAM_ID = "test-stream-456"

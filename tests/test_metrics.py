@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import Proc, Server, start_server, start_worker, stream_text
+from localp2p.testing.cluster import Proc, Server, start_server, start_worker, stream_text
 
 RECENT_FIELDS = {
     "id",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from cluster import start_server
+from localp2p.testing.cluster import start_server
 from localp2p.config import embedded_model_path, load_models
 
 

@@ -7,7 +7,7 @@ import math
 import openai
 import pytest
 
-from cluster import Server
+from localp2p.testing.cluster import Server
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import pytest
 import trio
 
-from cluster import (
+from localp2p.testing.cluster import (
     Server,
     new_token,
     p2p_server,

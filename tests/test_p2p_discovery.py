@@ -2,7 +2,7 @@
 
 Loopback tests run several nodes in one ``trio.run``; the netns tests run one
 probe process (tests/discovery_probe.py) per network namespace on a bridge
-(tests/netns.py, needs root; skipped otherwise). Discovery times are printed
+(localp2p/testing/netns.py, needs root; skipped otherwise). Discovery times are printed
 (``pytest -s`` shows them).
 
 Run: .venv/bin/pytest -q tests/test_p2p_discovery.py
@@ -39,7 +39,7 @@ from localp2p.p2p.discovery import (
 )
 from localp2p.p2p.node import open_node
 
-from netns import netns_unavailable_reason, topology
+from localp2p.testing.netns import netns_unavailable_reason, topology
 
 PROBE = Path(__file__).with_name("discovery_probe.py")
 

@@ -1,5 +1,5 @@
 """Issue 6 (reliability), faults with several hosts: a server and two workers in network
-namespaces on one bridge (tests/netns.py), faults injected one after the other on the same
+namespaces on one bridge (localp2p/testing/netns.py), faults injected one after the other on the same
 topology so the model is loaded by only two server processes:
 
 (b) the backend process is SIGKILLed while it streams: the server stays up, the next
@@ -43,8 +43,8 @@ from unittest import mock
 import httpx
 import pytest
 
-from cluster import Proc, Server, free_port, new_token, p2p_worker, wait_for_workers, worker_peer_id
-from netns import Topology, netns_unavailable_reason, topology
+from localp2p.testing.cluster import Proc, Server, free_port, new_token, p2p_worker, wait_for_workers, worker_peer_id
+from localp2p.testing.netns import Topology, netns_unavailable_reason, topology
 from localp2p.genmodel import write_model
 from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
 from test_p2p_netns import NamespaceForward

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import Proc, Server, new_token, p2p_state, p2p_worker, wait_for_workers, worker_peer_id
-from netns import Topology, netns_unavailable_reason, topology
+from localp2p.testing.cluster import Proc, Server, new_token, p2p_state, p2p_worker, wait_for_workers, worker_peer_id
+from localp2p.testing.netns import Topology, netns_unavailable_reason, topology
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"network namespaces: {netns_unavailable_reason()}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pathlib
 import time
 
-from cluster import free_port, start_server, start_worker
+from localp2p.testing.cluster import free_port, start_server, start_worker
 
 #: Bound on waiting for the reload that takes the late rpc-server in (probes back off to 30 s).
 TAKE_IN_LIMIT = 120.0

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cluster import Proc, descendants, new_token, p2p_server, p2p_worker, start_server, wait_gone
+from localp2p.testing.cluster import Proc, descendants, new_token, p2p_server, p2p_worker, start_server, wait_gone
 
 #: Seconds a stop may take: the graceful limit (10 s grace + 20 s margin) with room to spare.
 STOP_BOUND = 45.0

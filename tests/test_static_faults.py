@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from cluster import Proc, Server, start_server, start_worker, stream_text
+from localp2p.testing.cluster import Proc, Server, start_server, start_worker, stream_text
 
 TOKENS = 200
 STREAM_BODY = {

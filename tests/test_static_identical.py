@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import Server, stream_text
+from localp2p.testing.cluster import Server, stream_text
 
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 PROMPT = "The history of the printing press begins"

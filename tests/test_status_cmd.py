@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import LOCALP2P, Server, free_port
+from localp2p.testing.cluster import LOCALP2P, Server, free_port
 from localp2p.config import EMBEDDED_MODEL_NAME
 from localp2p.status import render
 

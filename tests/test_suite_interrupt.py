@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from cluster import START_TIMEOUT, Proc, alive, processes_with_env, sigkill, wait_gone
+from localp2p.testing.cluster import START_TIMEOUT, Proc, alive, processes_with_env, sigkill, wait_gone
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 #: Marks every process of one inner run (environment variables are inherited by all descendants).
@@ -38,7 +38,7 @@ import time
 
 import pytest
 
-from cluster import Server, descendants, start_server
+from localp2p.testing.cluster import Server, descendants, start_server
 
 #: Longer than the outer test waits: only a signal ends this test.
 HOLD_S = 600

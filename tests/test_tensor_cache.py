@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from cluster import CountingProxy, start_server, start_worker
+from localp2p.testing.cluster import CountingProxy, start_server, start_worker
 from localp2p.genmodel import Shape, write_model
 
 #: llama.cpp hashes (and caches) only tensors above 10 MiB: F16 1024x5632 ffn tensors are 11 MiB.

@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 
-from cluster import LOCALP2P, Proc, Server, free_port, rpc_server_child, start_server, start_worker
+from localp2p.testing.cluster import LOCALP2P, Proc, Server, free_port, rpc_server_child, start_server, start_worker
 from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
 from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 

@@ -7,7 +7,7 @@ import pathlib
 import signal
 import time
 
-from cluster import Proc, descendants, free_port, start_worker
+from localp2p.testing.cluster import Proc, descendants, free_port, start_worker
 from localp2p.llama import rpc
 
 

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from cluster import Proc, rpc_server_child, start_server, start_worker
+from localp2p.testing.cluster import Proc, rpc_server_child, start_server, start_worker
 from localp2p.genmodel import write_model
 from test_tensor_cache import CACHE_SHAPE
 
