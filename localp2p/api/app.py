@@ -201,7 +201,7 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         status = supervisor.status
-        body = {"status": "ready" if supervisor.ready else status.state, "model": status.model}
+        body = {"status": "ready" if supervisor.ready else status.state.value, "model": status.model}
         if not supervisor.ready and status.last_error:
             body["error"] = status.last_error
         return JSONResponse(body, status_code=200 if supervisor.ready else 503)
@@ -211,7 +211,7 @@ def create_app(
         status = await supervisor.refresh_status()
         return {
             "backend": {
-                "state": status.state,
+                "state": status.state.value,
                 "ready": supervisor.ready,
                 "pid": status.pid,
                 "restarts": status.restarts,

@@ -16,8 +16,9 @@ from collections.abc import AsyncGenerator
 import trio
 
 from localp2p._proto import backend_pb2 as pb
-from localp2p.server.backend_client import BACKEND_FAILED, BackendClient, BackendError
 from localp2p.logs import get_logger
+from localp2p.server.backend_client import BACKEND_FAILED, BackendClient, BackendError
+from localp2p.server.backend_state import BackendState
 from localp2p.server.supervisor import BackendSupervisor
 
 log = get_logger("failover")
@@ -64,7 +65,7 @@ async def _wait_for_backend(supervisor: BackendSupervisor, deadline: float) -> N
     """Return once the supervisor counts as ready (or at ``deadline``, or when it has failed)."""
     with trio.move_on_at(deadline):
         await trio.sleep(RETRY_INTERVAL)
-        while not supervisor.ready and supervisor.status.state != "failed":
+        while not supervisor.ready and supervisor.status.state is not BackendState.FAILED:
             await trio.sleep(RETRY_INTERVAL)
 
 
@@ -138,7 +139,7 @@ async def generate(
                     timeout_s=timeout,
                 )
             assert first_failure is not None
-            if supervisor.status.state == "failed":
+            if supervisor.status.state is BackendState.FAILED:
                 reason = supervisor.status.last_error or "the backend could not be restarted"
                 raise _give_up(options, f"the backend is down for good ({reason})", len(ids), first_failure) from None
             if crashes >= MAX_CRASHES_WITHOUT_PROGRESS:

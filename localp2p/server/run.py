@@ -15,12 +15,14 @@ from localp2p.api import create_app
 from localp2p.config import ModelConfig
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
-from localp2p.server.failover import DEFAULT_FAILOVER_TIMEOUT
+from localp2p.llama.rpc import parse_endpoint
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free
-from localp2p.llama.rpc import parse_endpoint
 from localp2p.p2p.network import Network, P2PSettings, run_network
-from localp2p.server.supervisor import DEFAULT_MAX_QUEUE, REQUEST_READY_WAIT, BackendSupervisor, follow_worker_set
+from localp2p.server.admission import DEFAULT_MAX_QUEUE
+from localp2p.server.failover import DEFAULT_FAILOVER_TIMEOUT
+from localp2p.server.follow_workers import follow_worker_set
+from localp2p.server.supervisor import REQUEST_READY_WAIT, BackendSupervisor
 from localp2p.server.worker_set import WorkerAttacher, WorkerSet
 
 log = get_logger("server")
