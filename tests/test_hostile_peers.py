@@ -30,14 +30,25 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux import yamux as ymod
 from multiaddr import Multiaddr
 
-from localp2p.testing.cluster import Proc, Server, new_token, p2p_server, p2p_state, p2p_worker, rpc_server_connections, wait_for_workers, worker_peer_id
 from localp2p.p2p import auth as auth_mod
-from localp2p.p2p import node as node_mod
+from localp2p.p2p._libp2p import yamux as yamux_patch
+from localp2p.p2p._libp2p.yamux import MAX_INBOUND_STREAMS
 from localp2p.p2p.auth import AUTH_PROTOCOL, AUTH_TIMEOUT, AuthError, AuthGate
 from localp2p.p2p.liveness import PING_PROTOCOL
-from localp2p.p2p.node import MAX_INBOUND_STREAMS, P2PNode, open_node
-from localp2p.p2p.tunnel import TUNNEL_PROTOCOL
+from localp2p.p2p.node import P2PNode, open_node
 from localp2p.p2p.token import NetworkToken
+from localp2p.p2p.tunnel import TUNNEL_PROTOCOL
+from localp2p.testing.cluster import (
+    Proc,
+    Server,
+    new_token,
+    p2p_server,
+    p2p_state,
+    p2p_worker,
+    rpc_server_connections,
+    wait_for_workers,
+    worker_peer_id,
+)
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 IDENTIFY = "/ipfs/id/1.0.0"
@@ -237,16 +248,16 @@ def test_stream_flood_is_capped_per_connection() -> None:
         with trio.fail_after(60):
             async with _gated(token, "worker", "w") as (w, _w_gate), _raw_node() as bad, _gated(token, "server", "s") as (s, s_gate):
                 await bad.connect(w.peer_info)
-                before = node_mod.stream_refusals.counts.get(str(bad.peer_id), 0)
+                before = yamux_patch.stream_refusals.counts.get(str(bad.peer_id), 0)
                 await _syn_flood(bad, w.peer_id, FLOOD)
                 mux = w.host.get_network().get_connections(bad.peer_id)[0].muxed_conn
                 deadline = trio.current_time() + 10
-                while node_mod.stream_refusals.counts.get(str(bad.peer_id), 0) - before < FLOOD - MAX_INBOUND_STREAMS:
-                    assert trio.current_time() < deadline, (mux.open_inbound_streams(), node_mod.stream_refusals.counts)
+                while yamux_patch.stream_refusals.counts.get(str(bad.peer_id), 0) - before < FLOOD - MAX_INBOUND_STREAMS:
+                    assert trio.current_time() < deadline, (mux.open_inbound_streams(), yamux_patch.stream_refusals.counts)
                     await trio.sleep(0.05)
                 open_now = mux.open_inbound_streams()
                 print(f"\nflood of {FLOOD}: {open_now} inbound streams open, "
-                      f"{node_mod.stream_refusals.counts[str(bad.peer_id)] - before} reset on arrival")
+                      f"{yamux_patch.stream_refusals.counts[str(bad.peer_id)] - before} reset on arrival")
                 assert open_now <= MAX_INBOUND_STREAMS
                 await s.connect(w.peer_info)
                 assert (await s_gate.authenticate(s, w.peer_id)).name == "w"

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 
+from localp2p.p2p.identity import claim_identity, identity_slot_path
 from localp2p.testing.cluster import (
     Proc,
     new_token,
@@ -24,12 +25,10 @@ from localp2p.testing.cluster import (
     worker_peer_id,
 )
 
-from localp2p.p2p.node import claim_identity, identity_slot_path
-
 #: A child process that claims the identity at argv[1], prints "HELD <path> <peer id>", then waits.
 HOLDER = (
     "import pathlib, sys\n"
-    "from localp2p.p2p.node import claim_identity\n"
+    "from localp2p.p2p.identity import claim_identity\n"
     "claim = claim_identity(pathlib.Path(sys.argv[1]))\n"
     "print('HELD', claim.path, claim.peer_id, flush=True)\n"
     "sys.stdin.read()\n"

@@ -8,8 +8,8 @@ Bench (skipped by default): LOCALP2P_BENCH=1 .venv/bin/python -m pytest \
 from __future__ import annotations
 
 import os
-import statistics
 import stat
+import statistics
 import time
 from pathlib import Path
 
@@ -28,9 +28,9 @@ from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
 from localp2p.p2p.dht import open_dht, run_dht
+from localp2p.p2p.identity import load_or_create_identity
 from localp2p.p2p.node import (
     P2PNode,
-    load_or_create_identity,
     open_node,
     remote_peer_id,
     serve_node,

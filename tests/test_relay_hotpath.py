@@ -1,4 +1,4 @@
-"""The tunnel's per-frame fast paths: ggml-RPC message boundaries and localp2p.p2p.hotpath.
+"""The tunnel's per-frame fast paths: ggml-RPC message boundaries and localp2p.p2p._libp2p.hotpath.
 
 Run: .venv/bin/python -m pytest tests/test_relay_hotpath.py -q
 (The relay itself is tested end to end, through real libp2p hosts, in test_p2p_tunnel.py.)
@@ -14,8 +14,10 @@ import trio
 from libp2p.io.trio import TrioTCPStream
 
 from localp2p.llama import rpc
-from localp2p.p2p import hotpath
-from localp2p.p2p.node import P2PNode  # noqa: F401 - importing the node installs the hot path
+from localp2p.p2p import _libp2p
+from localp2p.p2p._libp2p import hotpath
+
+_libp2p.install()  # as open_node does first: these tests use py-libp2p's classes without a node
 
 
 def _request(cmd: int, payload: bytes) -> bytes:

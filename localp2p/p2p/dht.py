@@ -35,7 +35,10 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PERMANENT_ADDR_TTL
 from libp2p.tools.anyio_service import background_trio_service
 
-from .node import P2PNode, get_logger, strip_p2p
+from localp2p.logs import get_logger
+
+from .addresses import strip_p2p
+from .node import P2PNode
 
 __all__ = [
     "DHTMode",

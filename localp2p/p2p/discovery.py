@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,8 +59,9 @@ from zeroconf import service_type_name as _zc_service_type_name
 
 from localp2p.logs import get_logger
 
+from .addresses import advertisable_addrs, ip_of, is_tcp, strip_p2p
 from .dht import NodeDHT, content_key
-from .node import P2PNode, strip_p2p
+from .node import P2PNode
 
 __all__ = [
     "Candidate",
@@ -191,50 +192,6 @@ class Candidate:
 
 
 # --------------------------------------------------------------------------
-# Addresses
-# --------------------------------------------------------------------------
-
-
-def _ip_of(addr: Multiaddr) -> tuple[str | None, str | None]:
-    """``(family, ip)`` of a multiaddr: family is ``"ip4"``/``"ip6"`` or None."""
-    for family in ("ip4", "ip6"):
-        try:
-            return family, addr.value_for_protocol(family)
-        except Exception:
-            continue
-    return None, None
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip == "::1"
-
-
-def advertisable_addrs(addrs: Iterable[Multiaddr]) -> list[Multiaddr]:
-    """The subset of ``addrs`` worth announcing to other hosts.
-
-    Drops wildcards (``0.0.0.0``, ``::``), IPv6 link-local addresses (not
-    dialable without a zone) and non-TCP addresses, strips ``/p2p``, and drops
-    loopback addresses *unless nothing else is left* (a loopback-only host,
-    as in tests, still announces ``127.0.0.1``). Order is kept, duplicates
-    removed.
-    """
-    kept: dict[str, Multiaddr] = {}
-    loopback: dict[str, Multiaddr] = {}
-    for raw in addrs:
-        addr = strip_p2p(raw)
-        if "tcp" not in [p.name for p in addr.protocols()]:
-            continue
-        family, ip = _ip_of(addr)
-        if family is None or ip is None:
-            continue
-        if ip in ("0.0.0.0", "::") or ip.lower().startswith("fe80:"):
-            continue
-        target = loopback if _is_loopback(ip) else kept
-        target.setdefault(str(addr), addr)
-    return list((kept or loopback).values())
-
-
-# --------------------------------------------------------------------------
 # mDNS
 # --------------------------------------------------------------------------
 
@@ -290,7 +247,7 @@ def _build_service_info(
     port = 0
     ipv4: list[str] = []
     for addr in addrs:
-        family, ip = _ip_of(addr)
+        family, ip = ip_of(addr)
         if port == 0:
             port = int(addr.value_for_protocol("tcp"))
         if family == "ip4" and ip is not None and ip not in ipv4:
@@ -355,7 +312,7 @@ def _candidate_from_info(info: ServiceInfo, service_type: str) -> Candidate:
         except Exception:
             _log.debug("mdns: bad multiaddr in TXT", peer_id=raw_id, value=value)
             continue
-        if "tcp" in [p.name for p in addr.protocols()]:
+        if is_tcp(addr):
             addrs.setdefault(str(addr), addr)
     if not addrs and info.port:
         # No (valid) multiaddrs in TXT: fall back to the A records + SRV port.

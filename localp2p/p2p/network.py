@@ -24,7 +24,8 @@ from localp2p.logs import get_logger, quiet_libp2p_logging
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.dht import NodeDHT, run_dht
 from localp2p.p2p.discovery import Candidate, add_dht_peer, run_dht_discovery, run_mdns
-from localp2p.p2p.node import IdentityClaim, P2PNode, claim_identity, serve_node
+from localp2p.p2p.identity import IdentityClaim, claim_identity
+from localp2p.p2p.node import P2PNode, serve_node
 from localp2p.p2p.token import NetworkToken
 
 log = get_logger("p2p")
@@ -79,7 +80,7 @@ def load_identity(state_dir: pathlib.Path, role: str) -> IdentityClaim:
 
     The claim locks the file for as long as it is held (release it when the node
     stops); if another live process of this role holds it, a separate identity file
-    in the same dir is claimed instead (see :func:`~localp2p.p2p.node.claim_identity`),
+    in the same dir is claimed instead (see :func:`~localp2p.p2p.identity.claim_identity`),
     so two processes never share a peer id. A state dir we cannot use is a StartupError.
     """
     try:

@@ -1,9 +1,10 @@
 """py-libp2p's per-frame path, made cheaper: buffered TCP reads and locks that do not yield when free.
 
-Every byte a tunnel relays crosses py-libp2p's Noise and Yamux layers in Python.
-Profiled on a 64-byte round trip (``bench.link``, cProfile on both tunnel ends),
-each end spent ~1 ms of CPU, most of it in trio's scheduler rather than in
-py-libp2p itself, because of two habits:
+Patch (installed by :func:`install`). Upstream behaviour it fixes (notes/libp2p.md,
+"Where a tunnel round trip goes"): every byte a tunnel relays crosses py-libp2p's
+Noise and Yamux layers in Python. Profiled on a 64-byte round trip (``bench.link``,
+cProfile on both tunnel ends), each end spent ~1 ms of CPU, most of it in trio's
+scheduler rather than in py-libp2p itself, because of two habits:
 
 * Noise reads each frame as a 2-byte length and then the body, and each read is
   one ``recv`` system call *and* one pass through trio's scheduler. Here the TCP
@@ -16,14 +17,20 @@ py-libp2p itself, because of two habits:
   only when it is held, so FIFO order among waiters is unchanged; cancellation is
   still checked on every acquire.
 
-:func:`install` swaps these into py-libp2p's classes for this process (idempotent).
+It relies on ``TrioTCPStream.read(n=None)`` (over ``self.stream.receive_some`` and
+``self.read_lock``), and on each ``__init__`` in :data:`LOCKS` creating those
+attributes as a ``trio.Lock`` (``ReadWriteLock._writer_lock``: a ``trio.Semaphore``).
+A missing or retyped attribute raises (:func:`_swap_locks`) instead of silently
+leaving the slow path in place, and :func:`install` checks one object of each class.
+
 Nothing else changes: the bytes on the wire are the same, so peers running plain
 py-libp2p are unaffected.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, cast
 
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
@@ -32,7 +39,7 @@ from libp2p.network.stream.net_stream import NetStream
 from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
-__all__ = ["READ_AHEAD", "FreeLock", "FreeSemaphore", "install"]
+__all__ = ["LOCKS", "READ_AHEAD", "FreeLock", "FreeSemaphore", "install"]
 
 #: Bytes one TCP read asks for: a Noise frame is at most 64 KiB + 2, and staying
 #: under glibc's mmap threshold (128 KiB) keeps each read's buffer a plain malloc.
@@ -133,14 +140,34 @@ async def _buffered_read(self: TrioTCPStream, n: int | None = None) -> bytes:
         return data[:n]
 
 
+#: The trio locks each py-libp2p class creates in ``__init__`` and takes per frame.
+LOCKS: dict[type, tuple[str, ...]] = {
+    TrioTCPStream: ("read_lock", "write_lock"),
+    NetStream: ("_state_lock",),
+    YamuxStream: ("window_lock", "close_lock"),
+    Yamux: ("_write_lock", "streams_lock"),
+    ReadWriteLock: ("_readers_lock",),
+}
+
+
 def _swap_locks(obj: object, names: tuple[str, ...]) -> None:
+    """Replace each ``trio.Lock`` attribute ``names`` of ``obj`` by a :class:`FreeLock`.
+
+    :raises AttributeError: if one is missing or not a ``trio.Lock`` (py-libp2p changed).
+    """
     for name in names:
-        if isinstance(getattr(obj, name, None), trio.Lock):
-            setattr(obj, name, FreeLock())
+        current = getattr(obj, name, None)
+        if not isinstance(current, trio.Lock):
+            raise AttributeError(
+                f"py-libp2p's {type(obj).__name__}.{name} is {type(current).__name__}, not a trio.Lock: "
+                "the hot-path patch does not fit this py-libp2p"
+            )
+        setattr(obj, name, FreeLock())
 
 
 def _after_init(cls: type, swap: Any) -> None:
-    original = cls.__init__
+    """Make ``cls.__init__`` call ``swap(self)`` after py-libp2p's own ``__init__``."""
+    original = cls.__init__  # type: ignore[misc]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
@@ -151,24 +178,60 @@ def _after_init(cls: type, swap: Any) -> None:
 
 
 def _rw_lock(lock: ReadWriteLock) -> None:
-    _swap_locks(lock, ("_readers_lock",))
-    if isinstance(lock._writer_lock, trio.Semaphore):
-        # released by whichever reader leaves last: a semaphore, not an owned lock
-        lock._writer_lock = FreeSemaphore(lock._writer_lock.value)  # type: ignore[assignment]
+    """:func:`_swap_locks` for a ReadWriteLock, whose writer lock is a semaphore.
+
+    :raises AttributeError: as :func:`_swap_locks`, or if ``_writer_lock`` is not a ``trio.Semaphore``.
+    """
+    _swap_locks(lock, LOCKS[ReadWriteLock])
+    writer = getattr(lock, "_writer_lock", None)
+    if not isinstance(writer, trio.Semaphore):
+        raise AttributeError(
+            f"py-libp2p's ReadWriteLock._writer_lock is {type(writer).__name__}, not a trio.Semaphore: "
+            "the hot-path patch does not fit this py-libp2p"
+        )
+    # released by whichever reader leaves last: a semaphore, not an owned lock
+    lock._writer_lock = FreeSemaphore(writer.value)  # type: ignore[assignment]
+
+
+def _check() -> None:
+    """Build one object of each patched class and check its locks were swapped.
+
+    None of these constructors does I/O or needs a running trio loop.
+
+    :raises AttributeError: if a class no longer has the attributes this patch swaps.
+    """
+    yamux = Yamux(cast(Any, None), cast(Any, None), is_initiator=True)
+    yamux_stream = YamuxStream(1, yamux, True)
+    samples: dict[type, object] = {
+        TrioTCPStream: TrioTCPStream(cast(Any, None)),
+        NetStream: NetStream(yamux_stream, None, None),
+        YamuxStream: yamux_stream,
+        Yamux: yamux,
+        ReadWriteLock: yamux_stream.rw_lock,
+    }
+    for cls, names in LOCKS.items():
+        for name in names:
+            if not isinstance(getattr(samples[cls], name), FreeLock):
+                raise AttributeError(f"py-libp2p's {cls.__name__}.{name} was not swapped by the hot-path patch")
+    if not isinstance(yamux_stream.rw_lock._writer_lock, FreeSemaphore):
+        raise AttributeError("py-libp2p's ReadWriteLock._writer_lock was not swapped by the hot-path patch")
 
 
 _installed = False
 
 
 def install() -> None:
-    """Put the buffered reads and free-lock fast paths into py-libp2p (this process, once)."""
+    """Put the buffered reads and free-lock fast paths into py-libp2p (this process, once).
+
+    :raises AttributeError: if py-libp2p's classes no longer fit (see :func:`_check`).
+    """
     global _installed
     if _installed:
         return
-    _installed = True
     TrioTCPStream.read = _buffered_read  # type: ignore[method-assign]
-    _after_init(TrioTCPStream, lambda s: _swap_locks(s, ("read_lock", "write_lock")))
-    _after_init(NetStream, lambda s: _swap_locks(s, ("_state_lock",)))
-    _after_init(YamuxStream, lambda s: _swap_locks(s, ("window_lock", "close_lock")))
-    _after_init(Yamux, lambda s: _swap_locks(s, ("_write_lock", "streams_lock")))
+    for cls, names in LOCKS.items():
+        if cls is not ReadWriteLock:
+            _after_init(cls, functools.partial(_swap_locks, names=names))
     _after_init(ReadWriteLock, _rw_lock)
+    _installed = True
+    _check()
