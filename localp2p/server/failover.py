@@ -56,6 +56,14 @@ def _give_up(options: pb.PredictOptions, why: str, tokens: int, cause: BackendEr
     )
 
 
+def _down(supervisor: BackendSupervisor) -> str | None:
+    """Why waiting for the backend is pointless now (the supervisor is FAILED: its restarts
+    keep failing), or None."""
+    if supervisor.status.state is not BackendState.FAILED:
+        return None
+    return f"the backend is down: its restarts keep failing ({supervisor.status.last_error or 'no error reported'})"
+
+
 def _out_of_time(supervisor: BackendSupervisor, timeout: float) -> str:
     last = supervisor.status.last_error
     return f"no backend came back within {timeout:g} s (--failover-timeout)" + (f"; last backend error: {last}" if last else "")
@@ -82,8 +90,9 @@ async def generate(
 
     Raises BackendError: any error other than ``backend_failed`` at once, as does
     ``backend_failed`` when ``timeout`` is 0 (failover off); a clear ``backend_failed``
-    error (502) when the generation cannot go on within ``timeout`` seconds of a failure
-    or the supervisor has given up.
+    error (502) when the generation cannot go on within ``timeout`` seconds of a failure,
+    and at once when the supervisor is FAILED (its restarts keep failing: see
+    BackendState.FAILED), with its last error.
     """
     ids: list[int] = []
     sent = 0  # bytes of text yielded so far
@@ -139,9 +148,9 @@ async def generate(
                     timeout_s=timeout,
                 )
             assert first_failure is not None
-            if supervisor.status.state is BackendState.FAILED:
-                reason = supervisor.status.last_error or "the backend could not be restarted"
-                raise _give_up(options, f"the backend is down for good ({reason})", len(ids), first_failure) from None
+            down = _down(supervisor)
+            if down is not None:
+                raise _give_up(options, down, len(ids), first_failure) from None
             if crashes >= MAX_CRASHES_WITHOUT_PROGRESS:
                 why = f"the backend failed {crashes} times in a row on this request without producing a token"
                 raise _give_up(options, why, len(ids), first_failure) from None
@@ -149,5 +158,8 @@ async def generate(
                 raise _give_up(options, _out_of_time(supervisor, timeout), len(ids), first_failure) from None
         assert failed_at is not None and first_failure is not None  # only a failure gets here
         await _wait_for_backend(supervisor, failed_at + timeout)
+        down = _down(supervisor)
+        if down is not None:
+            raise _give_up(options, down, len(ids), first_failure)
         if not supervisor.ready and trio.current_time() >= failed_at + timeout:
             raise _give_up(options, _out_of_time(supervisor, timeout), len(ids), first_failure)

@@ -52,6 +52,12 @@ log = get_logger("supervisor")
 #: requests wait for it. A backend that fails to start or load waits the backoff (a worker
 #: whose rpc-server broke the load may be restarting it).
 IMMEDIATE_BACKEND_RESTARTS = 1
+#: Failed starts in a row (a process that did not start or load) after which a backend that
+#: served before counts as FAILED: one is a worker that restarted its rpc-server mid-load, and
+#: the retry after the backoff serves; three (two backoffs, 0.6 s, plus three starts) mean it
+#: will not come back soon, and requests failing over give up at once instead of waiting
+#: out --failover-timeout.
+FAILED_AFTER_FAILED_STARTS = 3
 #: Seconds a fresh backend process gets to answer Health.
 BACKEND_START_TIMEOUT = 60.0
 #: Default bound on how long a request waits for the backend to become ready.
@@ -137,6 +143,8 @@ class BackendSupervisor:
         #: servers it skipped as unreachable have left the worker set (see _watch_reload).
         self._bound: tuple[str, ...] = ()
         self._model_lock = trio.Lock()
+        #: Starts in a row that failed (to start or to load) since a process last served.
+        self._failed_starts = 0
 
     # -- state -------------------------------------------------------------------------
 
@@ -161,6 +169,22 @@ class BackendSupervisor:
             self._ready = ready
             self._ready_changed.set()
             self._ready_changed = trio.Event()
+
+    def _set_starting(self, state: BackendState) -> None:
+        """Enter STARTING or LOADING for a new process; FAILED stays until a start serves."""
+        if self.status.state is not BackendState.FAILED:
+            self._set_ready(False, state)
+
+    def _note_failed_start(self) -> None:
+        """Count a start that failed; the FAILED_AFTER_FAILED_STARTS-th in a row makes the state FAILED."""
+        self._failed_starts += 1
+        if self._failed_starts >= FAILED_AFTER_FAILED_STARTS and self.status.state is not BackendState.FAILED:
+            log.error(
+                "backend is down: its starts keep failing; retrying with backoff",
+                failed_starts=self._failed_starts,
+                error=self.status.last_error,
+            )
+            self._set_ready(False, BackendState.FAILED)
 
     def note_generated(self) -> None:
         """A request got a token from the current backend process."""
@@ -190,7 +214,8 @@ class BackendSupervisor:
         Later crashes are restarted with backoff (see IMMEDIATE_BACKEND_RESTARTS); a
         planned reload (drained for a new worker set or model) starts the next process at
         once, is not a restart, and ends a row of crashes (the backoff starts over: a
-        worker lost now and then is no crash loop).
+        worker lost now and then is no crash loop). After FAILED_AFTER_FAILED_STARTS
+        failed starts in a row the state is FAILED until a start serves again.
         Cancellation stops the process.
         """
         started = [False]  # task_status.started() was called (by _run_once)
@@ -214,6 +239,7 @@ class BackendSupervisor:
                     if not started[0] and not safe_restart:
                         raise StartupError(message) from None
                     log.error("backend failed", error=message)
+                    self._note_failed_start()
                 self.status.restarts += 1
                 if safe_restart:
                     continue  # at once: the request that hit the crash waits for it
@@ -242,13 +268,13 @@ class BackendSupervisor:
         env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
         self._reload = trio.Event()
         self._joined = trio.Event()
-        self._set_ready(False, BackendState.STARTING)
+        self._set_starting(BackendState.STARTING)
         process = await start_child(python_module_argv("backends.llama_cpp", "--addr", f"unix:{socket_path}"), env)
         self.status.pid = process.pid
         client = BackendClient(f"unix:{socket_path}")
         try:
             await self._wait_healthy(process, socket_path)
-            self._set_ready(False, BackendState.LOADING)
+            self._set_starting(BackendState.LOADING)
             if task_status is not None:  # the first load: `run` reports ready (or fails) after it
                 await self._load(client, self._target)
             elif not await self._load_unless_joined(client):
@@ -259,6 +285,9 @@ class BackendSupervisor:
                     process.kill()  # its load is worth nothing now; SIGTERM would wait for it
                 return True
             self._client = client
+            if self._failed_starts:
+                log.info("backend serves again", failed_starts=self._failed_starts)
+            self._failed_starts = 0
             self._set_ready(True, BackendState.READY)
             if task_status is not None:
                 task_status.started()
