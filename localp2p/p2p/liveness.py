@@ -10,6 +10,7 @@ Only authenticated servers may open the stream.
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 
@@ -37,8 +38,39 @@ STATUS_BUSY = 1
 log = get_logger(__name__)
 
 
+#: Links of an exception's cause/context chain searched for a timeout (py-libp2p wraps errors).
+CAUSE_DEPTH = 8
+
+
+class PingFailure(enum.Enum):
+    """How a ping failed: the pinger paces its next try by it."""
+
+    #: No answer within the timeout (ours, or one of py-libp2p's): the wait is spent already.
+    TIMED_OUT = "timed out"
+    #: Failed at once: refused, reset, stream closed, no connection (the worker is likely gone).
+    BROKEN = "broken"
+    #: An answer came that is not the reply to this ping.
+    MALFORMED = "malformed"
+
+
 class PingFailed(Exception):
-    """No valid answer to a ping (timeout, reset stream, malformed reply)."""
+    """No valid answer to a ping; ``kind`` says how it failed, the message what happened."""
+
+    def __init__(self, kind: PingFailure, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def failure_kind(exc: BaseException) -> PingFailure:
+    """TIMED_OUT when ``exc`` is a timeout (trio's TooSlowError or a TimeoutError), or was caused by one; else BROKEN."""
+    seen: BaseException | None = exc
+    for _ in range(CAUSE_DEPTH):
+        if seen is None:
+            break
+        if isinstance(seen, trio.TooSlowError | TimeoutError):
+            return PingFailure.TIMED_OUT
+        seen = seen.__cause__ or seen.__context__
+    return PingFailure.BROKEN
 
 
 def ping_handler(gate: AuthGate, admission: Admission):  # type: ignore[no-untyped-def]
@@ -77,7 +109,8 @@ class Pinger:
     async def ping(self, timeout: float = PING_TIMEOUT) -> bool:
         """One round trip; returns True when the worker is ours, False when it is busy.
 
-        Raises PingFailed when there is no valid answer within ``timeout``.
+        Raises PingFailed when there is no valid answer within ``timeout`` (its ``kind``:
+        TIMED_OUT, BROKEN when the stream failed at once, MALFORMED for a wrong reply).
         """
         nonce = os.urandom(NONCE_SIZE)
         started = time.monotonic()
@@ -89,10 +122,10 @@ class Pinger:
                 reply = await read_frame(self._stream, max_size=NONCE_SIZE + 1)
         except Exception as exc:  # timeout, StreamReset, StreamFailure, SwarmException, ...
             await self._drop()
-            raise PingFailed(f"{type(exc).__name__}: {exc}") from None
+            raise PingFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         if len(reply) != NONCE_SIZE + 1 or reply[:NONCE_SIZE] != nonce:
             await self._drop()
-            raise PingFailed("malformed ping reply")
+            raise PingFailed(PingFailure.MALFORMED, "malformed ping reply")
         self.rtt = time.monotonic() - started
         return reply[NONCE_SIZE] == STATUS_OWNED
 

@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 from localp2p.logs import get_logger
 from localp2p.p2p.auth import AuthError, AuthGate
 from localp2p.p2p.discovery import Candidate
-from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, Pinger, PingFailed
+from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, Pinger, PingFailed, PingFailure
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import REFUSED_BUSY, TunnelStats, serve_tunnel
 
@@ -322,8 +322,8 @@ class WorkerAttacher:
             except PingFailed as exc:
                 missed += 1
                 log.debug("ping missed", peer_id=worker.peer_id, missed=missed, error=str(exc))
-                if "timed out" not in str(exc) and "TooSlow" not in str(exc):
-                    await trio.sleep(FAST_FAILURE_RETRY)  # failed fast (refused, reset): do not spin
+                if exc.kind is not PingFailure.TIMED_OUT:
+                    await trio.sleep(FAST_FAILURE_RETRY)  # failed fast (refused, reset, malformed): do not spin
                 continue  # a timeout already waited
             missed = 0
             worker.last_seen = time.time()
