@@ -9,7 +9,9 @@ supervisor's reloads, ``/api/p2p``, metrics — only reads the set.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,8 +98,8 @@ class WorkerSet:
         self._workers: dict[str, Worker] = {}
         self._changed = trio.Event()
         self.version = 0
-        #: Peers not in the set yet whose first attach is under way (the attacher's).
-        self.attaching: set[str] = set()
+        #: Peers not in the set yet whose first attach is under way (see :meth:`attaching`).
+        self._attaching: set[str] = set()
 
     def get(self, peer_id: str) -> Worker | None:
         return self._workers.get(peer_id)
@@ -119,7 +121,17 @@ class WorkerSet:
     def settled(self) -> bool:
         """Whether nothing is on its way: every known worker is online (or busy with another
         server) and no new peer is attaching. A reload need not wait for anyone then."""
-        return not self.attaching and all(w.state in (ONLINE, BUSY) for w in self._workers.values())
+        return not self._attaching and all(w.state in (ONLINE, BUSY) for w in self._workers.values())
+
+    @contextlib.contextmanager
+    def attaching(self, peer_id: str) -> Iterator[None]:
+        """Count ``peer_id`` as attaching while the block runs: a peer not in the set yet
+        whose first attach is under way (the set is not :meth:`settled` meanwhile)."""
+        self._attaching.add(peer_id)
+        try:
+            yield
+        finally:
+            self._attaching.discard(peer_id)
 
     def endpoints(self) -> tuple[str, ...]:
         """``LLAMACPP_GRPC_SERVERS`` for the backend: the live workers' tunnel ends, stable order."""
@@ -236,14 +248,10 @@ class WorkerAttacher:
         attempts count in the set's ``attaching`` while they run.
         """
         key = str(peer_id)
-        first = self.workers.get(key) is None
-        if first:
-            self.workers.attaching.add(key)
-        try:
+        if self.workers.get(key) is not None:
             return await self._attempt(peer_id, source, name)
-        finally:
-            if first:
-                self.workers.attaching.discard(key)
+        with self.workers.attaching(key):
+            return await self._attempt(peer_id, source, name)
 
     async def _attempt(self, peer_id: ID, source: str, name: str | None) -> Worker | None:
         key = str(peer_id)
