@@ -28,12 +28,11 @@ import time
 from typing import Any
 
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
 
 from localp2p.logs import configure_logging
-from localp2p.p2p.dht import run_dht
-from localp2p.p2p.discovery import Candidate, run_dht_discovery, run_mdns
+from localp2p.p2p.discovery import Candidate, run_dht, run_dht_discovery, run_mdns
 from localp2p.p2p.node import open_node
-from libp2p.crypto.ed25519 import create_new_key_pair
 
 
 def _emit(obj: dict[str, Any]) -> None:

@@ -29,16 +29,15 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, Zeroconf
 
-from localp2p.p2p.dht import run_dht
 from localp2p.p2p.discovery import (
     Candidate,
     add_dht_peer,
     advertisable_addrs,
+    run_dht,
     run_dht_discovery,
     run_mdns,
 )
 from localp2p.p2p.node import open_node
-
 from localp2p.testing.netns import netns_unavailable_reason, topology
 
 PROBE = Path(__file__).with_name("discovery_probe.py")

@@ -1,4 +1,4 @@
-"""Tests for localp2p.p2p.node / localp2p.p2p.dht (py-libp2p 0.8.1, plain trio.run).
+"""Tests for localp2p.p2p.node / localp2p.p2p.discovery.dht (py-libp2p 0.8.1, plain trio.run).
 
 Run: .venv/bin/python -m pytest tests/test_p2p_node.py -q
 Bench (skipped by default): LOCALP2P_BENCH=1 .venv/bin/python -m pytest \
@@ -27,7 +27,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
-from localp2p.p2p.dht import open_dht, run_dht
+from localp2p.p2p.discovery import open_dht, run_dht
 from localp2p.p2p.identity import load_or_create_identity
 from localp2p.p2p.node import (
     P2PNode,

@@ -22,8 +22,7 @@ from multiaddr import Multiaddr
 from localp2p.errors import StartupError
 from localp2p.logs import get_logger, quiet_libp2p_logging
 from localp2p.p2p.auth import AuthGate
-from localp2p.p2p.dht import NodeDHT, run_dht
-from localp2p.p2p.discovery import Candidate, add_dht_peer, run_dht_discovery, run_mdns
+from localp2p.p2p.discovery import Candidate, NodeDHT, add_dht_peer, run_dht, run_dht_discovery, run_mdns
 from localp2p.p2p.identity import IdentityClaim, claim_identity
 from localp2p.p2p.node import P2PNode, serve_node
 from localp2p.p2p.token import NetworkToken

@@ -1,23 +1,12 @@
-"""Peer discovery: mDNS on the LAN (python-zeroconf) and Kademlia DHT beyond it.
+"""mDNS discovery on the LAN (python-zeroconf): announce this node, report peers announcing the same service.
 
-Both discovery services only *emit candidates*: a :class:`Candidate` says
-"this peer id was announced with these addresses". Nothing here connects to a
-candidate for its own sake, authenticates it or decides whether it is a
-member of our network; the consumer (auth, then the worker set) does that.
-Candidates are hints and may repeat: the same peer can be reported again
-(re-announcements, address changes, periodic DHT re-emission), so consumers
-key their state by ``peer_id``.
-
-Removal ("gone") events
-    mDNS can tell when a peer leaves: a goodbye packet (TTL 0, sent when
-    :func:`run_mdns` of that peer stops cleanly) or the expiry of its cached
-    records (:data:`MDNS_RECORD_TTL` after its last announcement, e.g. after
-    a crash or a partition). It is then reported as a ``Candidate`` with
-    ``gone=True``, ``source="mdns"`` and empty ``addrs``. A gone event is only
-    emitted for a peer previously reported by the same :func:`run_mdns`.
-    The DHT cannot know when a provider leaves (records live for 48 h), so
-    :func:`run_dht_discovery` never emits ``gone``. Liveness is the job of
-    the libp2p connection, not of discovery.
+See :mod:`localp2p.p2p.discovery` for what a candidate promises. mDNS can tell
+when a peer leaves: a goodbye packet (TTL 0, sent when :func:`run_mdns` of that
+peer stops cleanly) or the expiry of its cached records (:data:`MDNS_RECORD_TTL`
+after its last announcement, e.g. after a crash or a partition). It is then
+reported as a ``Candidate`` with ``gone=True``, ``source="mdns"`` and empty
+``addrs``; a gone event is only emitted for a peer previously reported by the
+same :func:`run_mdns`.
 
 Threads
     python-zeroconf runs its own asyncio loop in a thread, and the threaded
@@ -33,16 +22,12 @@ Threads
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import trio
-from libp2p.kad_dht.common import ALPHA as KAD_ALPHA
-from libp2p.kad_dht.common import QUERY_TIMEOUT as KAD_QUERY_TIMEOUT
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 from zeroconf import (
     BadTypeInNameException,
@@ -59,31 +44,17 @@ from zeroconf import service_type_name as _zc_service_type_name
 
 from localp2p.logs import get_logger
 
-from .addresses import advertisable_addrs, ip_of, is_tcp, strip_p2p
-from .dht import NodeDHT, content_key
-from .node import P2PNode
+from ..addresses import advertisable_addrs, ip_of, is_tcp, strip_p2p
+from ..node import P2PNode
+from .candidate import Candidate
 
 __all__ = [
-    "Candidate",
-    "DHT_INITIAL_INTERVAL",
-    "DHT_MAX_INTERVAL",
-    "DHT_REEMIT_INTERVAL",
-    "DHT_REPROVIDE_INTERVAL",
     "MDNS_REANNOUNCE_INTERVAL",
     "MDNS_RECORD_TTL",
-    "add_dht_peer",
-    "advertisable_addrs",
-    "run_dht_discovery",
     "run_mdns",
 ]
 
 _log: Any = get_logger(__name__)
-
-Source = Literal["mdns", "dht"]
-
-# --------------------------------------------------------------------------
-# Tunables
-# --------------------------------------------------------------------------
 
 #: TTL (s) of our mDNS records (PTR, SRV, TXT, A). zeroconf's defaults are
 #: 75 min for PTR/TXT: a peer that crashed (no goodbye) would linger that
@@ -133,67 +104,6 @@ MDNS_IP_VERSION = IPVersion.V4Only
 #: Announce without RFC 6762 name probing: instance names are peer ids (unique), and
 #: probing would delay every worker's discovery by ~1.7 s.
 MDNS_SKIP_PROBE = True
-
-#: First DHT round interval (s): a worker must be found within ~10 s of start,
-#: so the first searches (and provide retries) come quickly.
-DHT_INITIAL_INTERVAL = 2.0
-#: Steady-state interval (s): bounds how late a worker that joins later is
-#: noticed; each round costs a few KAD round trips per rendezvous key.
-DHT_MAX_INTERVAL = 10.0
-#: Interval growth per round from initial to max (2, 3, 4.5, 6.75, 10 s).
-DHT_BACKOFF_FACTOR = 1.5
-#: Re-provide each rendezvous key this often (s) even after success: provider
-#: records live in memory on the DHT servers nearest the key, and one that
-#: restarted or joined after we provided would otherwise not know us until
-#: KadDHT's own 22 h republish.
-DHT_REPROVIDE_INTERVAL = 60.0
-#: An unchanged DHT candidate is sent again after this long (s), so a
-#: consumer that dropped the peer (e.g. a failed dial) gets another chance.
-DHT_REEMIT_INTERVAL = 60.0
-#: Upper bound (s) for one provide or one provider lookup; KadDHT's own
-#: per-peer timeout is 10 s and a lookup may hop several times.
-DHT_OPERATION_TIMEOUT = 20.0
-#: Upper bound (s) for dialing one bootstrap (or mDNS-found) peer.
-DHT_CONNECT_TIMEOUT = 5.0
-#: Providers asked for per key and lookup (KadDHT's k).
-DHT_MAX_PROVIDERS = 20
-
-
-# --------------------------------------------------------------------------
-# Candidate
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A peer that was announced (or, with ``gone=True``, withdrawn).
-
-    :ivar peer_id: the announced libp2p peer id. For mDNS this is what the
-        announcement *claims*; only the Noise handshake proves it.
-    :ivar addrs: dialable multiaddrs without ``/p2p`` (empty when ``gone``).
-    :ivar source: ``"mdns"`` or ``"dht"``.
-    :ivar role: ``"server"`` / ``"worker"`` if the announcement carries it
-        (mDNS TXT ``role``); ``None`` for the DHT.
-    :ivar name: human-readable node name from mDNS TXT, else ``None``.
-    :ivar gone: the peer withdrew its mDNS announcement (goodbye or expiry).
-    """
-
-    peer_id: ID
-    addrs: tuple[Multiaddr, ...]
-    source: Source
-    role: str | None = None
-    name: str | None = None
-    gone: bool = False
-
-    @property
-    def peer_info(self) -> PeerInfo:
-        """``PeerInfo(peer_id, addrs)`` for ``node.connect`` / ``dht.add_peer``."""
-        return PeerInfo(self.peer_id, list(self.addrs))
-
-
-# --------------------------------------------------------------------------
-# mDNS
-# --------------------------------------------------------------------------
 
 
 def _truncate_utf8(text: str, limit: int) -> str:
@@ -622,361 +532,3 @@ async def _mdns_consume_events(
                     gone=True,
                 )
             )
-
-
-# --------------------------------------------------------------------------
-# DHT
-# --------------------------------------------------------------------------
-
-
-def _as_peer_info(entry: Multiaddr | PeerInfo | str) -> PeerInfo:
-    """A bootstrap entry as ``PeerInfo`` (``/p2p/<id>`` is required in multiaddrs)."""
-    if isinstance(entry, PeerInfo):
-        return PeerInfo(entry.peer_id, [strip_p2p(a) for a in entry.addrs])
-    addr = entry if isinstance(entry, Multiaddr) else Multiaddr(entry)
-    try:
-        info = info_from_p2p_addr(addr)
-    except Exception as exc:
-        raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>: {exc}") from exc
-    return PeerInfo(info.peer_id, [strip_p2p(a) for a in info.addrs])
-
-
-async def add_dht_peer(dht: NodeDHT, candidate: Candidate | PeerInfo) -> bool:
-    """Dial a discovered peer and put it in the DHT routing table.
-
-    Meant for mDNS candidates: a LAN peer found by mDNS becomes a DHT
-    neighbour, so DHT lookups work even with no bootstrap list. Bounded by
-    :data:`DHT_CONNECT_TIMEOUT`; never raises (errors are logged).
-
-    :return: ``True`` if the peer is now in the routing table.
-    """
-    if isinstance(candidate, Candidate):
-        if candidate.gone or not candidate.addrs:
-            return False
-        info = candidate.peer_info
-    else:
-        info = candidate
-    if info.peer_id == dht.node.peer_id:
-        return False
-    try:
-        with trio.move_on_after(DHT_CONNECT_TIMEOUT):
-            return bool(await dht.add_peer(info))
-        _log.info("dht: adding peer timed out", peer_id=str(info.peer_id))
-    except Exception as exc:
-        _log.info("dht: could not add peer", peer_id=str(info.peer_id), error=repr(exc))
-    _forget_addrs(dht, info.peer_id)
-    return False
-
-
-def _forget_addrs(dht: NodeDHT, peer_id: ID) -> None:
-    """Drop the peerstore addresses of a peer we just failed to dial.
-
-    ``host.connect`` stores them before dialing, and while the routing table
-    is small KadDHT's lookups query *every* peer in the peerstore: each
-    lookup would wait on the dead peer's dial retries again. Not done for a
-    peer we are still connected to. Our own copy (e.g. the bootstrap list)
-    is kept, so a later retry still knows where to dial.
-    """
-    if peer_id in dht.node.connected_peers():
-        return
-    try:
-        dht.node.host.get_peerstore().clear_addrs(peer_id)
-    except Exception:
-        pass
-
-
-def _merge_provider(found: dict[ID, list[Multiaddr]], info: PeerInfo) -> None:
-    addrs = found.setdefault(info.peer_id, [])
-    for addr in info.addrs:
-        addr = strip_p2p(addr)
-        if addr not in addrs:
-            addrs.append(addr)
-
-
-async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID, list[Multiaddr]]:
-    """Providers of ``raw_key``: our own store plus a fresh network lookup.
-
-    ``ProviderStore.find_providers`` returns the local cache as soon as it
-    has *any* record for the key (including our own record when we also
-    provide the key, and records cached by earlier lookups) and only asks the
-    network when it has none - a searcher would never see a second worker.
-    This is the same iterative GET_PROVIDERS walk without that short cut,
-    and it does not add what it finds to the local store. Includes self.
-    """
-    kad = dht.kad
-    store = kad.provider_store
-    key = content_key(raw_key)
-    own = dht.node.peer_id
-    found: dict[ID, list[Multiaddr]] = {}
-    for info in store.get_providers(key):
-        _merge_provider(found, info)
-
-    candidates = [p for p in await kad.peer_routing.find_closest_peers_network(key) if p != own]
-    queried: set[ID] = set()
-    while candidates and len(found) < count + 1:
-        batch, candidates = candidates[:KAD_ALPHA], candidates[KAD_ALPHA:]
-        closer: list[ID] = []
-
-        async def ask(peer: ID) -> None:
-            queried.add(peer)
-            try:
-                with trio.move_on_after(KAD_QUERY_TIMEOUT):
-                    providers, closer_peers = await store._get_providers_from_peer_with_closers(
-                        peer, key
-                    )
-                    for info in providers:
-                        _merge_provider(found, info)
-                    closer.extend(closer_peers)
-            except Exception as exc:
-                _log.debug("dht: GET_PROVIDERS failed", peer_id=str(peer), error=repr(exc))
-
-        async with trio.open_nursery() as nursery:
-            for peer in batch:
-                if peer not in queried:
-                    nursery.start_soon(ask, peer)
-        for peer in closer:
-            if peer != own and peer not in queried and peer not in candidates:
-                candidates.append(peer)
-    # Providers that sent no addresses: try what the peerstore knows.
-    peerstore = dht.node.host.get_peerstore()
-    for peer, addrs in found.items():
-        if not addrs:
-            try:
-                addrs.extend(strip_p2p(a) for a in peerstore.addrs(peer))
-            except Exception:
-                pass
-    return found
-
-
-@dataclass
-class _DhtState:
-    """Per-:func:`run_dht_discovery` bookkeeping (owned by its trio tasks)."""
-
-    bootstrap: list[PeerInfo]
-    #: raw key -> monotonic time of the last provide that reached a peer
-    provided: dict[bytes, float] = field(default_factory=dict)
-    #: peer id -> (addresses, monotonic time) of the last candidate sent
-    emitted: dict[ID, tuple[tuple[str, ...], float]] = field(default_factory=dict)
-    #: bootstrap peers whose last dial failed (to log each outage once)
-    unreachable: set[ID] = field(default_factory=set)
-    #: the raw rendezvous keys of the last round
-    keys: list[bytes] = field(default_factory=list)
-    #: set by the bootstrap task when a bootstrap peer was (re)added: the
-    #: discovery loop then runs a round at once, re-provides everything
-    #: (that peer may have lost our records) and restarts its backoff
-    kick: trio.Event = field(default_factory=trio.Event)
-
-
-async def run_dht_discovery(
-    node: P2PNode,
-    dht: NodeDHT,
-    rendezvous_keys: Callable[[], list[bytes]],
-    *,
-    advertise: bool,
-    search: bool,
-    send_channel: trio.MemorySendChannel[Candidate],
-    bootstrap: Sequence[Multiaddr | PeerInfo | str] = (),
-    interval: float = DHT_MAX_INTERVAL,
-    initial_interval: float = DHT_INITIAL_INTERVAL,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Rendezvous through the Kademlia DHT: provide and/or look up our keys.
-
-    Owns two tasks, both running until cancelled:
-
-    * a bootstrap task that dials every bootstrap peer that is not connected
-      (or not in the routing table) and adds it to the DHT
-      (:meth:`NodeDHT.add_peer`), concurrently and each bounded by
-      :data:`DHT_CONNECT_TIMEOUT`, then re-checks on the same backoff as
-      below (an unreachable bootstrap peer never delays a round);
-    * a loop of rounds. Each round calls ``rendezvous_keys()`` (current and
-      previous epoch key: keys rotate, so they are re-read every round);
-      if ``advertise``, provides every key that was never provided, whose
-      last provide reached no remote peer, or that is older than
-      :data:`DHT_REPROVIDE_INTERVAL`; if ``search``, looks up the providers
-      of every key (our store plus a fresh network walk, see
-      :func:`_lookup_providers`) and sends a :class:`Candidate`
-      (``source="dht"``, no role/name, never ``gone``) for every provider
-      other than us whose addresses are new or changed, or that was last
-      sent more than :data:`DHT_REEMIT_INTERVAL` ago.
-
-    Rounds start ``initial_interval`` apart and back off by
-    :data:`DHT_BACKOFF_FACTOR` to ``interval``; the backoff restarts (and a
-    round runs at once) when the key set changes or a bootstrap peer is
-    (re)added. Every step is time-bounded and its errors are logged, never
-    raised. ``send_channel`` is not closed here; if its receiver is closed,
-    this logs and returns.
-
-    :param rendezvous_keys: returns raw rendezvous keys (hashed with
-        :func:`~localp2p.p2p.dht.content_key` before use).
-    :param bootstrap: multiaddrs ending in ``/p2p/<id>`` (or ``PeerInfo``s);
-        our own id is skipped.
-    :raises ValueError: a bootstrap entry has no peer id (before ``started``).
-    """
-    state = _DhtState(
-        bootstrap=[
-            info for info in map(_as_peer_info, bootstrap) if info.peer_id != node.peer_id
-        ]
-    )
-    initial_interval = min(initial_interval, interval)
-    async with trio.open_nursery() as nursery:
-        if state.bootstrap:
-            nursery.start_soon(_dht_bootstrap_loop, dht, state, initial_interval, interval)
-        task_status.started()
-        _log.info(
-            "dht discovery started",
-            advertise=advertise,
-            search=search,
-            bootstrap=[str(i.peer_id) for i in state.bootstrap],
-        )
-        delay = initial_interval
-        while True:
-            round_started = trio.current_time()
-            speed_up = False
-            if state.kick.is_set():
-                state.kick = trio.Event()
-                state.provided.clear()
-                speed_up = True
-            try:
-                keys = [bytes(k) for k in rendezvous_keys()]
-            except Exception as exc:
-                _log.warning("dht: rendezvous_keys() failed; reusing last keys", error=repr(exc))
-                keys = state.keys
-            if keys != state.keys:
-                speed_up = speed_up or bool(state.keys)  # a rotation, not the first round
-                _forget_old_keys(dht, state, keys)
-                state.keys = keys
-            if advertise:
-                await _dht_provide(dht, state)
-            if search and not await _dht_search(dht, state, send_channel):
-                nursery.cancel_scope.cancel()
-                return
-            if speed_up:
-                delay = initial_interval
-            with trio.move_on_at(round_started + delay):
-                await state.kick.wait()
-            delay = min(delay * DHT_BACKOFF_FACTOR, interval)
-
-
-async def _dht_bootstrap_loop(
-    dht: NodeDHT, state: _DhtState, initial_interval: float, interval: float
-) -> None:
-    """Keep the bootstrap peers connected and in the routing table (forever)."""
-    delay = initial_interval
-    while True:
-        if await _dht_bootstrap(dht, state):
-            delay = initial_interval
-        await trio.sleep(delay)
-        delay = min(delay * DHT_BACKOFF_FACTOR, interval)
-
-
-async def _dht_bootstrap(dht: NodeDHT, state: _DhtState) -> bool:
-    """Dial bootstrap peers that are not connected or not in the routing table.
-
-    Dials run concurrently; each success sets ``state.kick`` at once (a slow
-    or dead bootstrap peer does not hold back the others).
-
-    :return: ``True`` if at least one of them was (re)added.
-    """
-    connected = set(dht.node.connected_peers())
-    in_table = set(dht.routing_table_peers())
-    added = False
-
-    async def one(info: PeerInfo) -> None:
-        nonlocal added
-        try:
-            with trio.move_on_after(DHT_CONNECT_TIMEOUT):
-                if await dht.add_peer(info):
-                    _log.info("dht: bootstrap peer added", peer_id=str(info.peer_id))
-                    state.unreachable.discard(info.peer_id)
-                    state.kick.set()
-                    added = True
-                return
-            raise TimeoutError(f"no connection within {DHT_CONNECT_TIMEOUT} s")
-        except Exception as exc:
-            _forget_addrs(dht, info.peer_id)
-            if info.peer_id not in state.unreachable:
-                _log.warning(
-                    "dht: bootstrap peer unreachable; will retry",
-                    peer_id=str(info.peer_id),
-                    addrs=[str(a) for a in info.addrs],
-                    error=repr(exc),
-                )
-            state.unreachable.add(info.peer_id)
-
-    async with trio.open_nursery() as nursery:
-        for info in state.bootstrap:
-            if info.peer_id not in connected or info.peer_id not in in_table:
-                nursery.start_soon(one, info)
-    return added
-
-
-def _forget_old_keys(dht: NodeDHT, state: _DhtState, keys: list[bytes]) -> None:
-    """Stop tracking keys of past epochs (ours, and KadDHT's 22 h republisher's)."""
-    current = set(keys)
-    for old in [k for k in state.provided if k not in current]:
-        del state.provided[old]
-    if state.keys:
-        providing = dht.kad.provider_store.providing_keys
-        for old in set(state.keys) - current:
-            providing.discard(content_key(old))
-
-
-async def _dht_provide(dht: NodeDHT, state: _DhtState) -> None:
-    """Provide every key that is due (see :func:`run_dht_discovery`)."""
-    now = time.monotonic()
-    for key in state.keys:
-        last = state.provided.get(key)
-        if last is not None and now - last < DHT_REPROVIDE_INTERVAL:
-            continue
-        ok = False
-        try:
-            with trio.move_on_after(DHT_OPERATION_TIMEOUT):
-                ok = await dht.advertise(key)
-        except Exception as exc:
-            _log.warning("dht: provide failed", error=repr(exc))
-        if ok:
-            if last is None:
-                _log.info("dht: advertised rendezvous key", key=content_key(key).hex()[:16])
-            state.provided[key] = time.monotonic()
-        else:
-            _log.debug("dht: provide reached no peer yet", key=content_key(key).hex()[:16])
-
-
-async def _dht_search(
-    dht: NodeDHT, state: _DhtState, send_channel: trio.MemorySendChannel[Candidate]
-) -> bool:
-    """Look up providers of every key and send new/changed/stale candidates.
-
-    :return: ``False`` if the candidate receiver is gone (stop the loop).
-    """
-    found: dict[ID, list[Multiaddr]] = {}
-    for key in state.keys:
-        try:
-            with trio.move_on_after(DHT_OPERATION_TIMEOUT):
-                for peer, addrs in (
-                    await _lookup_providers(dht, key, DHT_MAX_PROVIDERS)
-                ).items():
-                    merged = found.setdefault(peer, [])
-                    merged.extend(a for a in addrs if a not in merged)
-        except Exception as exc:
-            _log.warning("dht: provider lookup failed", error=repr(exc))
-    now = time.monotonic()
-    for peer, addrs in found.items():
-        addrs = advertisable_addrs(addrs)
-        if peer == dht.node.peer_id or not addrs:
-            continue
-        signature = tuple(sorted(str(a) for a in addrs))
-        previous = state.emitted.get(peer)
-        if previous is not None and previous[0] == signature and now - previous[1] < DHT_REEMIT_INTERVAL:
-            continue
-        state.emitted[peer] = (signature, now)
-        candidate = Candidate(peer_id=peer, addrs=tuple(addrs), source="dht")
-        if previous is None:
-            _log.info("dht: found provider", peer_id=str(peer), addrs=list(signature))
-        try:
-            await send_channel.send(candidate)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            _log.warning("dht: candidate receiver closed; stopping dht discovery")
-            return False
-    return True
