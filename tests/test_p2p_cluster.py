@@ -257,7 +257,7 @@ def test_wrong_token_and_unauthenticated_peers_get_nothing(tmp_path: pathlib.Pat
 
 
 def test_token_is_generated_printed_and_checked(tmp_path: pathlib.Path) -> None:
-    from cluster import LOCALP2P, Proc, free_port
+    from localp2p.testing.cluster import LOCALP2P, Proc, free_port
 
     proc = Proc(["run", "--p2p", "--address", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "s")], tmp_path, "gen", {"P2P_TOKEN": "", "TOKEN": ""})
     try:

@@ -81,7 +81,7 @@ def _netns_prefix(topo: Topology, i: int) -> list[str]:
 
 @contextlib.contextmanager
 def _server(topo: Topology, log_dir: pathlib.Path, token: str, *flags: str) -> Iterator[Server]:
-    from cluster import free_port
+    from localp2p.testing.cluster import free_port
 
     port = free_port()
     host = topo.hosts[0].ip
