@@ -18,6 +18,7 @@ one mode byte then:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -30,10 +31,11 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from localp2p.llama.burst import RpcBurstFraming
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.node import open_node
-from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, TunnelStats, serve_tunnel, tunnel_handler
 from localp2p.p2p.token import NetworkToken
+from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, TunnelStats, serve_tunnel, tunnel_handler
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 CHUNK = 256 * 1024
@@ -94,7 +96,7 @@ async def worker(token: NetworkToken) -> None:
             gate.install(node)
             admission = Admission()
             admission.install(node)
-            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, f"127.0.0.1:{echo_port}", admission))
+            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, f"127.0.0.1:{echo_port}", admission, framing=RpcBurstFraming))
             _ready(peer_id=str(node.peer_id), addrs=[str(a) for a in node.listen_addrs], echo_port=echo_port)
             await _until_signal()
         nursery.cancel_scope.cancel()
@@ -109,7 +111,7 @@ async def server(token: NetworkToken, peer: str, addrs: list[str]) -> None:
         await gate.authenticate(node, peer_id)
         stats = TunnelStats()
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(lambda task_status: serve_tunnel(node, peer_id, stats, task_status=task_status))
+            port = await nursery.start(functools.partial(serve_tunnel, node, peer_id, stats, framing=RpcBurstFraming))
             # py-libp2p's Yamux pings once 0.5 s after connecting (notes/libp2p.md); start after it
             await trio.sleep(0.7)
             _ready(tunnel_port=port)

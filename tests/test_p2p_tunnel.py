@@ -7,6 +7,7 @@ The rpc test starts a real llama.cpp rpc-server child (``python -m localp2p.work
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import struct
@@ -24,9 +25,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from localp2p.llama import rpc
+from localp2p.llama.burst import RpcBurstFraming
 from localp2p.p2p import auth as auth_mod
 from localp2p.p2p.auth import AUTH_PROTOCOL, AUTH_TIMEOUT, AuthError, AuthGate
 from localp2p.p2p.node import P2PNode, open_node
+from localp2p.p2p.token import NetworkToken, TokenError
 from localp2p.p2p.tunnel import (
     REFUSED_BUSY,
     REFUSED_UNREACHABLE,
@@ -36,7 +39,6 @@ from localp2p.p2p.tunnel import (
     serve_tunnel,
     tunnel_handler,
 )
-from localp2p.p2p.token import NetworkToken, TokenError
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 WORKER_HELLO: dict[str, Any] = {"name": "w1", "rpc_version": "7.0.0", "memory": {"free": 1 << 30, "total": 2 << 30}}
@@ -399,7 +401,7 @@ async def worker_with_tunnel(
     async with gated_node(token, "worker", close_timeout=close_timeout, **WORKER_HELLO) as (w, w_gate):
         admission = Admission()
         admission.install(w)
-        w.set_handler(TUNNEL_PROTOCOL, tunnel_handler(w_gate, rpc_endpoint, admission))
+        w.set_handler(TUNNEL_PROTOCOL, tunnel_handler(w_gate, rpc_endpoint, admission, framing=RpcBurstFraming))
         yield w, w_gate, admission
 
 
@@ -425,7 +427,7 @@ async def tunnel_to(
         await s.connect(w.peer_info)
         await s_gate.authenticate(s, w.peer_id)
         stats = TunnelStats()
-        port = await nursery.start(serve_tunnel, s, w.peer_id, stats)
+        port = await nursery.start(functools.partial(serve_tunnel, s, w.peer_id, stats, framing=RpcBurstFraming))
         yield Tunnelled(port, stats, s, w, admission)
 
 
@@ -704,9 +706,9 @@ def _request(cmd: int, payload: bytes) -> bytes:
 
 def test_tunnel_sends_each_rpc_burst_as_one_frame(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unanswered requests wait for the one that is answered; replies travel whole; nothing is stuck."""
-    from localp2p.p2p import tunnel as tunnel_mod
+    from localp2p.llama import burst as burst_mod
 
-    monkeypatch.setattr(tunnel_mod, "HOLD_TIMEOUT", 0.5)  # the client below pauses 20 ms between sends
+    monkeypatch.setattr(burst_mod, "HOLD_TIMEOUT", 0.5)  # the client below pauses 20 ms between sends
     token = NetworkToken.generate()
     set_tensor = _request(rpc.RPC_CMD_SET_TENSOR, b"s" * 300)
     compute = _request(rpc.RPC_CMD_GRAPH_RECOMPUTE, b"\x00" * 4)

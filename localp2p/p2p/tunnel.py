@@ -23,15 +23,13 @@ Relay (:func:`relay`, shared by both sides): one task per direction, reads of
 up to :data:`RELAY_CHUNK`, each write awaited before the next read
 (back-pressure end to end). Both directions are drained concurrently at all
 times: py-libp2p's Yamux writer gives up after 5 s on a zero window, so a
-direction that stopped reading would kill the other side's writes. When the
-connection speaks ggml-RPC (its first request is HELLO), the TCP -> libp2p
-direction sends each burst as one frame: the server end holds requests the
-rpc-server never answers (SET_TENSOR, GRAPH_COMPUTE...) until the request that
-is waited for, the worker end holds a reply until it is whole
-(:class:`~localp2p.llama.rpc.MessageBoundaries`), never longer than
-:data:`HOLD_TIMEOUT`. Per generated token that is one frame each way per worker
-instead of five or six: every frame costs both ends Python time in Noise and
-Yamux, on the token's critical path. An EOF in one
+direction that stopped reading would kill the other side's writes. The
+TCP -> libp2p direction may gather several reads into one frame: the caller's
+``framing`` (:data:`Framing`, default :class:`PassThrough`: every read goes as
+read) says where a burst ends, and the relay holds bytes until then, never longer
+than its ``hold_timeout``. Every frame costs both ends Python time in Noise and
+Yamux; llama.cpp's connections use :class:`~localp2p.llama.burst.RpcBurstFraming`
+(one frame per ggml-RPC burst, each way). An EOF in one
 direction is passed on as a half-close (TCP ``shutdown(SHUT_WR)`` / Yamux FIN);
 an error in either direction tears both down (stream reset, socket closed).
 Writes to the libp2p stream are shielded from cancellation
@@ -46,18 +44,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
+from localp2p.llama.rpc import parse_endpoint
 from localp2p.logs import get_logger
-from localp2p.llama.rpc import RPC_CMD_HELLO, MessageBoundaries, parse_endpoint
 
 from .auth import AuthGate, Role, shielded_write
-from .node import P2PNode, StreamHandler, remote_peer_id
+from .node import P2PNode
+from .streams import CLEANUP_TIMEOUT, StreamHandler, quiet_reset, remote_peer_id
 
 __all__ = [
     "TUNNEL_PROTOCOL",
@@ -70,6 +69,9 @@ __all__ = [
     "REFUSED_UNREACHABLE",
     "REFUSED_PROTOCOL",
     "Admission",
+    "ConnectionFraming",
+    "Framing",
+    "PassThrough",
     "TunnelStats",
     "relay",
     "serve_tunnel",
@@ -80,13 +82,6 @@ TUNNEL_PROTOCOL = "/localp2p/rpc-tunnel/1.0.0"
 #: Bytes per read in the relay: large reads keep the per-chunk Python overhead
 #: (Noise + Yamux framing are pure-Python-driven) small relative to the data.
 RELAY_CHUNK = 256 * 1024
-#: Seconds bytes held back for the rest of a burst wait before they go anyway. llama.cpp
-#: sends a token's burst (a few unanswered requests, then one it waits for) within about
-#: half a millisecond; this only matters if it ever stops half-way.
-HOLD_TIMEOUT = 0.002
-#: Bytes a burst is gathered up to. Bigger reads (weights, during a load) go as they
-#: are read: copying them into one frame would cost more than the frames it saves.
-GATHER_LIMIT = 64 * 1024
 #: Admission replies (one byte, worker → server, before any relayed data).
 ADMIT_OK = 0
 ADMIT_BUSY = 1
@@ -96,8 +91,6 @@ ADMIT_UNAVAILABLE = 2
 ADMISSION_TIMEOUT = 5.0
 #: Seconds the worker waits to connect to its local rpc-server.
 RPC_CONNECT_TIMEOUT = 2.0
-#: Seconds cleanup (close/reset) may take; shielded so cancellation cannot skip it.
-_CLEANUP_TIMEOUT = 2.0
 
 #: ``TunnelStats.last_refusal`` / ``on_refused`` reasons (server side).
 REFUSED_BUSY = "busy"
@@ -128,6 +121,47 @@ class TunnelStats:
     last_refusal: str | None = None
 
 
+class ConnectionFraming(Protocol):
+    """Where one tunnelled connection's TCP -> libp2p bytes may be cut into frames, at one end.
+
+    The relay feeds it both directions, in order. While :meth:`ends_burst` answers
+    False the relay holds what it read, up to ``gather_limit`` bytes and at most
+    ``hold_timeout`` seconds, and sends it in one write with the bytes that end the
+    burst. Implementations own only their parse state and never raise.
+    """
+
+    #: Seconds held bytes wait for the rest of their burst before they go anyway.
+    hold_timeout: float
+    #: Bytes gathered at most; a read at least this big goes as read.
+    gather_limit: int
+
+    def from_peer(self, data: bytes) -> None:
+        """Note ``data`` the libp2p stream delivered (relayed to TCP)."""
+
+    def ends_burst(self, data: bytes) -> bool:
+        """Account for ``data`` read from TCP; True if it and what is held go on now."""
+
+
+#: Makes one connection's framing for this end of the tunnel (``"server"`` or ``"worker"``).
+Framing = Callable[[Role], ConnectionFraming]
+
+
+class PassThrough:
+    """The default :data:`Framing`: every read goes on as read, one frame each."""
+
+    hold_timeout = 0.0
+    gather_limit = 0
+
+    def __init__(self, side: Role) -> None:
+        del side  # the same at both ends
+
+    def from_peer(self, data: bytes) -> None:
+        return None
+
+    def ends_burst(self, data: bytes) -> bool:
+        return True
+
+
 # --------------------------------------------------------------------------
 # the relay (both sides)
 # --------------------------------------------------------------------------
@@ -139,14 +173,16 @@ async def relay(
     stats: TunnelStats,
     *,
     side: Role = "server",
+    framing: Framing = PassThrough,
 ) -> None:
     """Copy bytes both ways between ``tcp_stream`` and ``p2p_stream`` until both end.
 
     Owns both streams: they are closed (or, after an error or cancellation, the
     libp2p stream is reset and the socket closed) before this returns. ``side``
-    says which end of the tunnel we are, so ``stats`` counts the right direction.
-    Never raises for I/O errors (they end the relay and are logged at debug
-    level); ``trio.Cancelled`` propagates after the cleanup.
+    says which end of the tunnel we are, so ``stats`` counts the right direction;
+    ``framing(side)`` decides how TCP reads are gathered into frames. Never raises
+    for I/O errors (they end the relay and are logged at debug level);
+    ``trio.Cancelled`` propagates after the cleanup.
     """
     count_up, count_down = (
         ("bytes_sent", "bytes_received") if side == "server" else ("bytes_received", "bytes_sent")
@@ -154,23 +190,19 @@ async def relay(
     stats.connections_total += 1
     stats.connections_open += 1
     failed: list[str] = []
-
-    # ggml-RPC or not is decided by the first request byte (HELLO, which an rpc-server
-    # insists on): then the TCP -> libp2p direction sends each burst as one frame.
-    speaks_rpc: list[bool] = []
+    frames = framing(side)
 
     async def pass_on(data: bytes | bytearray) -> None:
         await shielded_write(p2p_stream, bytes(data))  # never cancelled half-way
         setattr(stats, count_up, getattr(stats, count_up) + len(data))
 
     async def tcp_to_p2p(cancel: trio.CancelScope) -> None:
-        boundaries: MessageBoundaries | None = None
-        held = bytearray()  # the start of a burst, waiting for the message that ends it
+        held = bytearray()  # the start of a burst, waiting for the bytes that end it
         try:
             while True:
                 if held:
                     data = None
-                    with trio.move_on_after(HOLD_TIMEOUT):  # receive_some is cancel-safe
+                    with trio.move_on_after(frames.hold_timeout):  # receive_some is cancel-safe
                         data = await tcp_stream.receive_some(RELAY_CHUNK)
                     if data is None:  # the burst stopped half-way: pass on what there is
                         await pass_on(held)
@@ -180,26 +212,17 @@ async def relay(
                     data = await tcp_stream.receive_some(RELAY_CHUNK)
                 if not data:
                     break
-                if side == "server" and not speaks_rpc:
-                    speaks_rpc.append(data[0] == RPC_CMD_HELLO)
-                if boundaries is None and speaks_rpc and speaks_rpc[0]:
-                    boundaries = MessageBoundaries(requests=side == "server")
-                ends_burst = True
-                if boundaries is not None:
-                    try:
-                        ends_burst = boundaries.feed(data)
-                    except ValueError:  # not ggml-RPC after all: relay as read from now on
-                        speaks_rpc[0], boundaries = False, None
-                if not held and (ends_burst or len(data) >= GATHER_LIMIT):
+                ends_burst = frames.ends_burst(data)
+                if not held and (ends_burst or len(data) >= frames.gather_limit):
                     await pass_on(data)
                     continue
                 held += data
-                if ends_burst or len(held) >= GATHER_LIMIT:
+                if ends_burst or len(held) >= frames.gather_limit:
                     await pass_on(held)
                     held.clear()
             if held:
                 await pass_on(held)
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_TIMEOUT):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                 await p2p_stream.close_write()  # a FIN frame: also a write
         except Exception as exc:  # Broken/ClosedResourceError, StreamReset/Closed/Error
             failed.append(f"tcp->p2p: {type(exc).__name__}: {exc}")
@@ -214,8 +237,7 @@ async def relay(
                     break
                 if not data:
                     break
-                if side == "worker" and not speaks_rpc:
-                    speaks_rpc.append(data[0] == RPC_CMD_HELLO)
+                frames.from_peer(data)
                 await tcp_stream.send_all(data)
                 setattr(stats, count_down, getattr(stats, count_down) + len(data))
             await tcp_stream.send_eof()
@@ -231,7 +253,7 @@ async def relay(
         clean = not failed
     finally:
         stats.connections_open -= 1
-        with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
             try:
                 if clean:
                     await p2p_stream.close()
@@ -258,6 +280,7 @@ async def serve_tunnel(
     *,
     host: str = "127.0.0.1",
     on_refused: Callable[[str], Any] | None = None,
+    framing: Framing = PassThrough,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host``:<free port> and tunnel each connection to ``peer_id``'s rpc-server.
@@ -270,6 +293,7 @@ async def serve_tunnel(
     keeps serving. Runs until cancelled; owns the listener and all relays, which
     are closed on exit. The peer should already be authenticated (the worker
     refuses the stream otherwise, reported as :data:`REFUSED_UNREACHABLE`).
+    ``framing`` gathers the relays' frames (see :func:`relay`).
 
     :raises OSError: if the listener cannot be opened (before ``started``).
     """
@@ -293,7 +317,7 @@ async def serve_tunnel(
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(tcp_stream)
             return
-        await relay(tcp_stream, stream, stats, side="server")
+        await relay(tcp_stream, stream, stats, side="server", framing=framing)
 
     _log.info("tunnel listening", peer_id=str(peer_id), endpoint=f"{host}:{port}")
     try:
@@ -330,22 +354,15 @@ async def _open_tunnel(node: P2PNode, peer_id: ID) -> tuple[INetStream | None, s
         detail = "timed out"
     except BaseException:
         if stream is not None:
-            await _quiet_reset(stream)
+            await quiet_reset(stream)
         raise
     if reply and reply[0] == ADMIT_OK:
         return stream, "", ""
     if stream is not None:
-        await _quiet_reset(stream)
+        await quiet_reset(stream)
     if not reply:
         return None, REFUSED_PROTOCOL, detail
     return None, _REPLY_REASONS.get(reply[0], REFUSED_PROTOCOL), f"reply byte {reply[0]}"
-
-
-async def _quiet_reset(stream: INetStream) -> None:
-    """Reset ``stream``; shielded, bounded, errors ignored."""
-    with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
-        with contextlib.suppress(Exception):
-            await stream.reset()
 
 
 # --------------------------------------------------------------------------
@@ -418,7 +435,7 @@ class Admission:
 
 async def _reply_and_close(stream: INetStream, code: int) -> None:
     """Send a one-byte refusal and close the stream; shielded, bounded, errors ignored."""
-    with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
+    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
         try:
             await stream.write(bytes([code]))
             await stream.close()
@@ -427,14 +444,17 @@ async def _reply_and_close(stream: INetStream, code: int) -> None:
                 await stream.reset()
 
 
-def tunnel_handler(gate: AuthGate, rpc_endpoint: str, admission: Admission) -> StreamHandler:
+def tunnel_handler(
+    gate: AuthGate, rpc_endpoint: str, admission: Admission, *, framing: Framing = PassThrough
+) -> StreamHandler:
     """The worker's :data:`TUNNEL_PROTOCOL` handler, for ``node.set_handler``.
 
     Per stream: refuse (reset) unless the peer is an authenticated server -
     checked before anything is read; reply BUSY if another server owns the
     worker; connect to ``rpc_endpoint`` (``127.0.0.1:port``) and reply
     UNAVAILABLE if that fails; else reply OK and :func:`relay` until either side
-    closes, counting bytes in ``admission.stats_for(peer)``. Handles its own
+    closes (gathering frames by ``framing``, see :func:`relay`), counting bytes in
+    ``admission.stats_for(peer)``. Handles its own
     errors; never raises except ``Cancelled``.
 
     :raises ValueError: (now, not per stream) if ``rpc_endpoint`` is not host:port.
@@ -458,13 +478,13 @@ def tunnel_handler(gate: AuthGate, rpc_endpoint: str, admission: Admission) -> S
                 await _reply_and_close(stream, ADMIT_UNAVAILABLE)
                 return
             try:
-                await shielded_write(stream, bytes([ADMIT_OK]), _CLEANUP_TIMEOUT)
+                await shielded_write(stream, bytes([ADMIT_OK]), CLEANUP_TIMEOUT)
             except Exception as exc:  # the server went away meanwhile
                 _log.debug("tunnel stream failed before relaying", server=str(peer_id), error=repr(exc))
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(tcp_stream)
-                await _quiet_reset(stream)
+                await quiet_reset(stream)
                 return
-            await relay(tcp_stream, stream, admission.stats_for(peer_id), side="worker")
+            await relay(tcp_stream, stream, admission.stats_for(peer_id), side="worker", framing=framing)
 
     return handle_tunnel

@@ -20,6 +20,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from localp2p.llama.burst import RpcBurstFraming
 from localp2p.logs import get_logger
 from localp2p.p2p.auth import AuthError, AuthGate
 from localp2p.p2p.discovery import Candidate
@@ -311,7 +312,7 @@ class WorkerAttacher:
 
                 worker.tunnel_port = await nursery.start(
                     lambda task_status: serve_tunnel(
-                        self.node, peer_id, worker.stats, on_refused=on_refused, task_status=task_status
+                        self.node, peer_id, worker.stats, on_refused=on_refused, framing=RpcBurstFraming, task_status=task_status
                     )
                 )
                 await self._watch(pinger, worker)

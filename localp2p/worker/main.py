@@ -7,6 +7,8 @@ import functools
 import trio
 
 from localp2p.cpumode import CpuMode
+from localp2p.llama.burst import RpcBurstFraming
+from localp2p.llama.rpc import free_port
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free, is_loopback
 from localp2p.p2p.auth import AuthGate
@@ -14,7 +16,6 @@ from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
 from localp2p.p2p.network import Network, P2PSettings, run_network
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
-from localp2p.llama.rpc import free_port
 from localp2p.worker.rpc_server import RpcServerSpec, supervise_rpc_server
 
 log = get_logger("worker")
@@ -67,7 +68,7 @@ async def run_p2p_worker(
 
         def install_handlers(node: P2PNode, gate: AuthGate) -> None:
             admission.install(node)
-            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, spec.endpoint, admission))
+            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, spec.endpoint, admission, framing=RpcBurstFraming))
             node.set_handler(PING_PROTOCOL, ping_handler(gate, admission))
 
         network: Network = await nursery.start(
