@@ -35,7 +35,7 @@ async def run_static_worker(spec: RpcServerSpec, *, task_status: trio.TaskStatus
         info = await nursery.start(supervise_rpc_server, spec)
         ready = (
             f"localp2p worker ready: endpoint={spec.endpoint} rpc-protocol={info.version_text} "
-            f"memory-free-mib={info.memory_free >> 20} cache={info.cache_dir or 'off'} cpu-mode={spec.cpu_mode.value}"
+            f"memory-free-mib={info.memory_free >> 20} cpu-mode={spec.cpu_mode.value} cache={info.cache_dir or 'off'}"
         )
         print(ready, flush=True)
         task_status.started(ready)
