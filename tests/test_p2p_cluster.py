@@ -193,8 +193,8 @@ def test_wrong_token_and_unauthenticated_peers_get_nothing(tmp_path: pathlib.Pat
     from localp2p.p2p.auth import AuthError
     from localp2p.p2p.network import P2PSettings, run_network
     from localp2p.p2p.node import open_node
-    from localp2p.p2p.tunnel import TUNNEL_PROTOCOL
     from localp2p.p2p.token import NetworkToken
+    from localp2p.p2p.tunnel import TUNNEL_PROTOCOL
 
     token = new_token()
     honest = NetworkToken.parse(token)
