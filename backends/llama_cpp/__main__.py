@@ -20,8 +20,9 @@ from localp2p import cpumode
 from localp2p.logs import configure_logging, get_logger
 from localp2p.procutil import die_with_parent
 
-#: gRPC worker threads: one generation runs at a time (llama.cpp lock), the rest answer
-#: Health/Status/cancellation while it runs.
+#: gRPC worker threads: they only wait for and relay the engine thread's work (every
+#: llama.cpp computation runs on that one thread, see engine_thread), and answer
+#: Health/Status/cancellation meanwhile.
 GRPC_THREADS = 8
 #: Large enough for a 1 MB prompt and a batch of embeddings.
 GRPC_MAX_MESSAGE = 64 * 1024 * 1024

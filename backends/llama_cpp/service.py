@@ -31,6 +31,7 @@ from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_
 from localp2p.llama.layers import assign_layers
 
 from .continuation import tracked_generation
+from .engine_thread import EngineThread
 from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, progress_callback
 
 log = structlog.get_logger("backend")
@@ -154,6 +155,8 @@ class LlamaBackend(pb_grpc.BackendServicer):
     def __init__(self, cpu_mode: cpumode.CpuMode = cpumode.CpuMode.DEFAULT, extra_bufts: bool = True) -> None:
         self.state = BackendState(cpu_mode=cpu_mode, extra_buffer_types=extra_bufts)
         self.state.load_log.install()
+        #: Every llama.cpp computation runs here (see engine_thread: one OpenMP team).
+        self.engine = EngineThread()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -172,6 +175,10 @@ class LlamaBackend(pb_grpc.BackendServicer):
         # header is a few MB of it. (Summing tensor sizes with GGUFReader is exact but takes
         # seconds for a 50k-token vocabulary.) Set early, so Status has it while probing.
         self.state.load_bytes_total = pathlib.Path(request.ModelFile).stat().st_size
+        return self.engine.call(self._load_model, request, servers, bound)
+
+    def _load_model(self, request: pb.ModelOptions, servers: tuple[str, ...], bound: Any) -> pb.Result:
+        """LoadModel's work, on the engine thread: register the rpc-servers once, load the model."""
         with self.state.lock:
             if self.state.registered is not None and servers != self.state.registered:
                 return pb.Result(
@@ -429,7 +436,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
     def PredictStream(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
         scope = _request_scope(request.RequestId)
         scope.run(log.info, "predict start", stream=True, max_tokens=request.Tokens or None)
-        yield from _iterate_in(scope, self._generate(request, context))
+        yield from _iterate_in(scope, self.engine.stream(lambda: self._generate(request, context)))
 
     def Predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
         scope = _request_scope(request.RequestId)
@@ -439,7 +446,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
     def _predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
         parts: list[bytes] = []
         final = pb.Reply()
-        for reply in self._generate(request, context):
+        for reply in self.engine.stream(lambda: self._generate(request, context)):
             if reply.finish_reason:
                 final = reply
             else:
@@ -453,7 +460,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     def Embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
-        return _request_scope(request.RequestId).run(self._embedding, request, context)
+        return _request_scope(request.RequestId).run(self.engine.call, self._embedding, request, context)
 
     def _embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
         import llama_cpp  # noqa: PLC0415
