@@ -26,17 +26,17 @@ from localp2p.testing.cluster import CountingProxy, Proc, Server, free_port, p2p
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 __all__ = [
+    "PDEATHSIG",
     "Command",
     "CountingProxy",
-    "Procs",
     "Proc",
+    "Procs",
     "Server",
     "free_port",
+    "new_token",
     "p2p_state",
     "wait_for_workers",
     "worker_peer_id",
-    "new_token",
-    "PDEATHSIG",
 ]
 
 #: Children die when the bench dies, even by SIGKILL.

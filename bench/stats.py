@@ -34,7 +34,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     """median(a) / median(b), or None when either is missing."""
-    if not a or not b or a.get("median") in (None, 0) and b.get("median") in (None, 0):
+    if not a or not b or (a.get("median") in (None, 0) and b.get("median") in (None, 0)):
         return None
     if a.get("median") is None or not b.get("median"):
         return None

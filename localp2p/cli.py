@@ -114,17 +114,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command(commands, "run", "serve the OpenAI-compatible API")
     run.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP listen address (env ADDRESS)")
-    run.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2")
+    run.add_argument(
+        "--models-path",
+        type=pathlib.Path,
+        default=_env("MODELS_PATH"),
+        help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2",
+    )
     run.add_argument("--threads", type=_positive_int, default=env_threads(), help="threads for llama.cpp (env THREADS)")
     run.add_argument("--ready-timeout", type=float, default=120.0, help="seconds a request waits for a (re)starting backend before 503")
     run.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="find workers over libp2p (env P2P=true)")
     run.add_argument("--p2ptoken", default=None, help="network token (env P2P_TOKEN or TOKEN); generated when absent")
-    run.add_argument("--min-workers", type=_positive_int, default=int(_env("MIN_WORKERS", "0") or 0), help="wait for N workers before the first model load")
-    run.add_argument("--max-queue", type=_positive_int, default=_env("MAX_QUEUE"), help="requests waiting or running at once before new ones get 429 (env MAX_QUEUE; default 64; 0: no limit)")
-    run.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (Authorization: Bearer KEY) on /v1/* and /api/* (repeatable; env API_KEY, comma-separated)")
-    run.add_argument("--protect-metrics", action="store_true", default=_env("PROTECT_METRICS") in ("1", "true"), help="/metrics needs an API key too (env PROTECT_METRICS=true)")
-    run.add_argument("--shutdown-grace", type=_seconds, default=_env("SHUTDOWN_GRACE"), help="seconds in-flight requests get to finish after SIGTERM/SIGINT (env SHUTDOWN_GRACE; default 10)")
-    run.add_argument("--failover-timeout", type=_seconds, metavar="SECONDS", default=_env("FAILOVER_TIMEOUT"), help="seconds a generation whose backend died may take to continue on the workers left (or locally) before it fails (env FAILOVER_TIMEOUT; default 60; 0: off)")
+    run.add_argument(
+        "--min-workers",
+        type=_positive_int,
+        default=int(_env("MIN_WORKERS", "0") or 0),
+        help="wait for N workers before the first model load",
+    )
+    run.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=_env("MAX_QUEUE"),
+        help="requests waiting or running at once before new ones get 429 (env MAX_QUEUE; default 64; 0: no limit)",
+    )
+    run.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require this key (Authorization: Bearer KEY) on /v1/* and /api/* (repeatable; env API_KEY, comma-separated)",
+    )
+    run.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        default=_env("PROTECT_METRICS") in ("1", "true"),
+        help="/metrics needs an API key too (env PROTECT_METRICS=true)",
+    )
+    run.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=_env("SHUTDOWN_GRACE"),
+        help="seconds in-flight requests get to finish after SIGTERM/SIGINT (env SHUTDOWN_GRACE; default 10)",
+    )
+    run.add_argument(
+        "--failover-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=_env("FAILOVER_TIMEOUT"),
+        help="seconds a generation whose backend died may take to continue on the workers left (or locally) "
+        "before it fails (env FAILOVER_TIMEOUT; default 60; 0: off)",
+    )
     _add_cpu_mode_arg(run)
     _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
@@ -159,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     doctor = command(commands, "doctor", "check this machine's setup: llama.cpp, models, ports, token, workers")
-    doctor.add_argument("--models-path", type=pathlib.Path, default=_env("MODELS_PATH"), help="check these models (env MODELS_PATH); default: the embedded model")
+    doctor.add_argument(
+        "--models-path",
+        type=pathlib.Path,
+        default=_env("MODELS_PATH"),
+        help="check these models (env MODELS_PATH); default: the embedded model",
+    )
     doctor.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP address whose port should be free (env ADDRESS)")
     doctor.add_argument("--p2ptoken", default=None, help="check this network token (env P2P_TOKEN or TOKEN)")
     doctor.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="check mDNS even without a token")
@@ -181,8 +224,7 @@ def _add_cpu_mode_arg(parser: argparse.ArgumentParser) -> None:
         type=_cpu_mode,
         default=_env(cpumode.MODE_ENV, CpuMode.DEFAULT.value),
         metavar="MODE",
-        help="llama.cpp's CPU fast paths: default (all but AMX), amx (AMX too: opt in), safe (the plainest code) "
-        f"(env {cpumode.MODE_ENV})",
+        help=f"llama.cpp's CPU fast paths: default (all but AMX), amx (AMX too: opt in), safe (the plainest code) (env {cpumode.MODE_ENV})",
     )
 
 
@@ -372,12 +414,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_static(args: argparse.Namespace) -> int:
-    from localp2p.worker.rpc_server import RpcServerSpec  # noqa: PLC0415
     from localp2p.worker.main import run_static_worker  # noqa: PLC0415
+    from localp2p.worker.rpc_server import RpcServerSpec  # noqa: PLC0415
 
-    spec = RpcServerSpec(
-        host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir, cpu_mode=args.cpu_mode
-    )
+    spec = RpcServerSpec(host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir, cpu_mode=args.cpu_mode)
     return _run_service(run_static_worker, spec)
 
 

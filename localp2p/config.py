@@ -99,8 +99,8 @@ def parse_rpc_servers(text: str | None) -> tuple[str, ...]:
     from localp2p.llama.rpc import parse_endpoint  # noqa: PLC0415 - avoid a cycle at import
 
     servers = []
-    for part in (text or "").split(","):
-        part = part.strip()
+    for raw in (text or "").split(","):
+        part = raw.strip()
         if not part:
             continue
         try:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from localp2p import cpumode
-from localp2p.llama import rpc
 from localp2p.config import ConfigError, ModelConfig, embedded_model_path, load_models, parse_rpc_servers
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
+from localp2p.llama import rpc
 from localp2p.netutil import check_port_free
 from localp2p.procutil import python_module_argv
 
@@ -82,7 +82,7 @@ def check_llama_rpc() -> Check:
         return Check(FAIL, f"llama-cpp-python is not installed ({exc}); run `make install`")
     try:
         supported = bool(llama_cpp.llama_supports_rpc())
-    except Exception as exc:  # noqa: BLE001 - a broken build is a finding, not a crash
+    except Exception as exc:
         return Check(FAIL, f"llama-cpp-python {llama_cpp.__version__}: llama_supports_rpc() failed: {exc}")
     if not supported:
         return Check(FAIL, f"llama-cpp-python {llama_cpp.__version__} was built without GGML_RPC; rerun `make install`")
@@ -95,7 +95,7 @@ def check_rpc_protocol() -> Check:
         version = rpc.protocol_version()
     except rpc.RPCError as exc:
         return Check(FAIL, f"RPC library: {exc}")
-    except Exception as exc:  # noqa: BLE001 - e.g. llama_cpp missing: reported by check_llama_rpc too
+    except Exception as exc:
         return Check(FAIL, f"RPC library could not be loaded: {exc}")
     return Check(OK, f"RPC protocol {version}")
 
@@ -120,9 +120,7 @@ def _decode_once(mode: CpuMode, model_file: pathlib.Path) -> tuple[int, dict[str
     """Run backends.llama_cpp.selftest in a child in ``mode``: (exit code, its JSON or None, stderr tail)."""
     argv = python_module_argv("backends.llama_cpp.selftest", str(model_file), "--threads", "1")
     try:
-        done = subprocess.run(
-            argv, env=cpumode.child_env(mode), capture_output=True, text=True, timeout=DECODE_CHECK_TIMEOUT, check=False
-        )
+        done = subprocess.run(argv, env=cpumode.child_env(mode), capture_output=True, text=True, timeout=DECODE_CHECK_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         return -1, None, f"no answer within {DECODE_CHECK_TIMEOUT:g} s"
     result = None
@@ -149,7 +147,11 @@ def check_cpu_decode(mode: CpuMode = CpuMode.DEFAULT) -> Check:
     code, result, tail = _decode_once(mode, model_file)
     if code == 0 and result is not None:
         buffers = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in (result.get("weight_buffers") or {}).items())
-        amx = "AMX allowed (opted in)" if mode is CpuMode.AMX else ("AMX off (opt in: --cpu-mode amx)" if cpumode.has_amx() else "no AMX on this CPU")
+        amx = (
+            "AMX allowed (opted in)"
+            if mode is CpuMode.AMX
+            else ("AMX off (opt in: --cpu-mode amx)" if cpumode.has_amx() else "no AMX on this CPU")
+        )
         return Check(OK, f"llama.cpp decodes on this CPU in CPU mode {mode.value}: {cpu}; {amx}; weights in {buffers or '?'}")
     how = cpumode.signal_name(code) if code < 0 and code != -1 else (tail or f"exit code {code}")
     if mode is CpuMode.SAFE:
@@ -179,7 +181,7 @@ def check_model_file(model: ModelConfig) -> Check:
     """The model's file parses as GGUF (the magic alone was checked by load_models)."""
     try:
         summary = gguf_summary(model.model_file)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means llama.cpp would refuse it
+    except Exception as exc:
         return Check(FAIL, f"model {model.name}: {model.model_file} is not a valid GGUF file ({exc})")
     return Check(OK, f"model {model.name}: {model.model_file} ({summary})")
 
@@ -215,8 +217,7 @@ def check_http_port(address: str) -> Check:
     except StartupError as exc:
         return Check(
             WARN,
-            f"HTTP address {address}: {exc}; a localp2p server may already be running there "
-            f"(see `localp2p status --address {address}`)",
+            f"HTTP address {address}: {exc}; a localp2p server may already be running there (see `localp2p status --address {address}`)",
         )
     return Check(OK, f"HTTP address {address} is free")
 
@@ -259,7 +260,7 @@ def check_mdns() -> Check:
     """Some non-loopback interface can do multicast, so LAN discovery can work."""
     try:
         usable = multicast_interfaces()
-    except Exception as exc:  # noqa: BLE001 - interface enumeration is platform-dependent
+    except Exception as exc:
         return Check(WARN, f"mDNS: could not list network interfaces ({exc})")
     if not usable:
         return Check(

@@ -123,7 +123,7 @@ class RepeatLimitFilter(logging.Filter):
             return True
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a filter that raises breaks the library's logging call
+        except Exception:
             return True
         key = (record.name, _VARIABLE_WORD.sub("#", message)[:_REPEAT_KEY_CHARS])
         now = self.clock()

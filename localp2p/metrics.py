@@ -207,7 +207,7 @@ class _LiveCollector(Collector):
         yield sent
         yield received
 
-        if status is None:
+        if status is None or supervisor is None:
             return
         restarts = CounterMetricFamily("localp2p_backend_restarts", "Backend process restarts (crashes and reloads)")
         restarts.add_metric([], status.restarts)

@@ -81,7 +81,8 @@ async def stop_child(process: trio.Process, grace: float = STOP_GRACE) -> int:
                 await process.wait()
             if process.returncode is None:
                 process.kill()
-        return await process.wait()
+        code = await process.wait()
+    return code
 
 
 def python_module_argv(module: str, *args: str) -> list[str]:

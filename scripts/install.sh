@@ -76,15 +76,19 @@ else
     "${PIP[@]}" install -q -e "$ROOT"
 fi
 
-# The nodes page is tested in Debian's chromium (driven by Playwright, which cannot
-# download a browser here). Installed with the dev extras, when we may use apt.
-if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
+# Debian packages the dev tests drive: chromium (the nodes page, driven by Playwright, which
+# cannot download a browser here) and systemd (systemd-analyze checks the example unit).
+# Installed with the dev extras, when we may use apt.
+debs=()
+[ -x /usr/bin/chromium ] || debs+=(chromium)
+command -v systemd-analyze >/dev/null || debs+=(systemd)
+if [[ ",$EXTRAS," == *",dev,"* ]] && [ ${#debs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        say "installing chromium (Debian package) for the web page test"
-        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
-            || say "warning: chromium could not be installed; the web page test will skip"
+        say "installing ${debs[*]} (Debian packages) for the tests that drive them"
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${debs[@]}"; } \
+            || say "warning: ${debs[*]} could not be installed; the tests that need them will skip"
     else
-        say "note: /usr/bin/chromium is missing and apt is not usable here; the web page test will skip"
+        say "note: ${debs[*]} missing and apt is not usable here; the tests that need them will skip"
     fi
 fi
 

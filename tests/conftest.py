@@ -32,7 +32,7 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     """First stop signal: KeyboardInterrupt, so pytest unwinds and tears down. Later ones:
     SIGKILL every registered process at once (the teardown still running then finds them
     dead and ends quickly)."""
-    global _signals_received
+    global _signals_received  # noqa: PLW0603 - a signal handler's state
     _signals_received += 1
     if _signals_received == 1:
         raise KeyboardInterrupt

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from localp2p.testing.cluster import LOCALP2P, free_port, start_server, start_worker
 from localp2p.llama import rpc
+from localp2p.testing.cluster import LOCALP2P, free_port, start_server, start_worker
 
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -119,7 +119,7 @@ def _old_rpc_server() -> Iterator[str]:
 
 def test_probe_rejects_old_protocol() -> None:
     with _old_rpc_server() as endpoint:
-        with pytest.raises(rpc.RPCError, match="protocol 6.0.0"):
+        with pytest.raises(rpc.RPCError, match=r"protocol 6\.0\.0"):
             rpc.probe(endpoint)
 
 

@@ -61,7 +61,7 @@ def test_every_placement_gives_the_same_json_debug_log(command: str) -> None:
     codes = {result.returncode for result in results}
     assert len(codes) == 1, [(r.returncode, r.stderr) for r in results]
     starting = [_starting(result) for result in results]
-    assert starting[0] == {"event": "starting", "level": "debug", "command": command.split()[0], "version": starting[0]["version"]}
+    assert starting[0] == {"event": "starting", "level": "debug", "command": command.split(maxsplit=1)[0], "version": starting[0]["version"]}
     assert all(line == starting[0] for line in starting)
 
 

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from localp2p.testing.cluster import Proc, Server, rpc_server_child, start_server, start_worker, stream_text
 from localp2p import cpumode
-from localp2p.llama import rpc
 from localp2p.genmodel import Shape, write_model
+from localp2p.llama import rpc
+from localp2p.testing.cluster import Proc, Server, rpc_server_child, start_server, start_worker, stream_text
 
 PROMPT = "Name three colours of the rainbow."
 MAX_TOKENS = 24

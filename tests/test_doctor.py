@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from localp2p.testing.cluster import LOCALP2P, Proc, free_port, new_token, start_worker
 from localp2p import cpumode
 from localp2p.config import embedded_model_path
+from localp2p.testing.cluster import LOCALP2P, Proc, free_port, new_token, start_worker
 
 #: Variables a developer's shell may set that would change what doctor checks.
 _DOCTOR_ENV = (

@@ -158,7 +158,7 @@ def test_worker_yamls_on_two_real_workers(tmp_path: pathlib.Path, two_fresh_work
     yamls = {}
     for name in ("rpc-servers.yaml", "tensor-split.yaml", "offload-output.yaml"):
         text = (MODELS / name).read_text()
-        for readme_endpoint, real in zip(README_WORKERS, two_fresh_workers):
+        for readme_endpoint, real in zip(README_WORKERS, two_fresh_workers, strict=True):
             assert readme_endpoint in text
             text = text.replace(readme_endpoint, real)
         yamls[name] = text

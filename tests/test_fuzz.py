@@ -20,8 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from localp2p.testing.cluster import Server, start_server
 from localp2p.config import embedded_model_path
+from localp2p.testing.cluster import Server, start_server
 
 #: Context of the fuzzed model: bounds every generation the fuzzer can ask for.
 FUZZ_CONTEXT = 64
@@ -90,12 +90,12 @@ def test_fuzz_from_openapi(server: Server, mode: schemathesis.GenerationMode) ->
             suppress_health_check=list(HealthCheck),
         )
         @given(case=operation.as_strategy(generation_mode=mode))
-        def check(case: Any) -> None:
+        def check(case: Any) -> None:  # called within this iteration: ``label`` is current
             response = case.call(base_url=server.base_url, timeout=120)
-            assert response.status_code < 500, (label, case.body, response.status_code, response.text[:500])
+            assert response.status_code < 500, (label, case.body, response.status_code, response.text[:500])  # noqa: B023
             if response.status_code >= 400:
                 assert_openai_error(response, response.status_code)
-            seen[label] = seen.get(label, 0) + 1
+            seen[label] = seen.get(label, 0) + 1  # noqa: B023
 
         try:
             check()

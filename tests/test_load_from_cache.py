@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pathlib
 
-from localp2p.testing.cluster import new_token, p2p_server, p2p_worker, wait_for_workers, worker_peer_id
 from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
+
+from localp2p.testing.cluster import new_token, p2p_server, p2p_worker, wait_for_workers, worker_peer_id
 
 #: Bytes of the tensors llama.cpp caches (ffn gate/up/down, F16) on the worker.
 CACHED_BYTES = 3 * CACHE_SHAPE.layers * CACHE_SHAPE.embd * CACHE_SHAPE.ff * 2
@@ -27,12 +28,12 @@ def _load(tmp_path: pathlib.Path, token: str, models: pathlib.Path, peer: str, n
         server.close()
 
 
-def test_cached_load_is_reported(tmp_path: pathlib.Path, big_tensor_models: pathlib.Path) -> None:  # noqa: F811
+def test_cached_load_is_reported(tmp_path: pathlib.Path, big_tensor_models: pathlib.Path) -> None:
     token = new_token()
     worker = p2p_worker(tmp_path, token, "cache-w", "--p2p-no-dht", "--cache-dir", str(tmp_path / "cache"))
     try:
         peer = worker_peer_id(worker)
-        first, first_log = _load(tmp_path, token, big_tensor_models, peer, "first")
+        first, _first_log = _load(tmp_path, token, big_tensor_models, peer, "first")
         assert first["fraction"] == 1.0 and not first["active"], first
         assert first["network_bytes"] > CACHED_BYTES, first
         assert first["from_cache"] is False, first

@@ -18,9 +18,8 @@ import sys
 import time
 from collections import Counter
 
-from localp2p.testing.cluster import Proc, new_token, p2p_server, p2p_state, p2p_worker, worker_peer_id
-
 from localp2p.logs import LIBRARY_REPEAT_INTERVAL, RepeatLimitFilter
+from localp2p.testing.cluster import Proc, new_token, p2p_server, p2p_state, p2p_worker, worker_peer_id
 
 INVALID_RECORD = "Received an invalid-signed-record, ignoring the response"
 #: Seconds the end-to-end test lets the nodes run once the worker is attached.

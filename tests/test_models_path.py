@@ -5,8 +5,8 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from localp2p.testing.cluster import start_server
 from localp2p.config import embedded_model_path, load_models
+from localp2p.testing.cluster import start_server
 
 
 def test_yaml_fields_are_read(tmp_path: pathlib.Path) -> None:

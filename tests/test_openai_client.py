@@ -67,7 +67,7 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert math.isclose(sum(x * x for x in vectors[0]), 1.0, rel_tol=1e-3)
 
     def cos(a: list[float], b: list[float]) -> float:
-        return sum(x * y for x, y in zip(a, b))
+        return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])
     floats = client.embeddings.create(model="smollm2-135m-instruct", input="a cat sat on the mat", encoding_format="float")

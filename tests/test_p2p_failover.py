@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pathlib
 
-from localp2p.testing.cluster import new_token, p2p_server, p2p_worker, stream_text, wait_for_workers, worker_peer_id
 from test_static_faults import CONTINUED, FAILING_OVER, STREAM_BODY, _errors, _failover_lines, _field, _stream_and_kill
+
+from localp2p.testing.cluster import new_token, p2p_server, p2p_worker, stream_text, wait_for_workers, worker_peer_id
 
 
 def test_stream_continues_when_a_p2p_worker_dies(tmp_path: pathlib.Path) -> None:

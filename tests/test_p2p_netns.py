@@ -133,7 +133,7 @@ def test_mdns_across_hosts(tmp_path: pathlib.Path, local_server: Server) -> None
         with _server(topo, tmp_path, token, "--p2p-no-dht") as server:
             ids = [worker_peer_id(w) for w in workers]
             state = wait_for_workers(server, ids)
-            for i, peer in zip((1, 2), ids):
+            for i, peer in zip((1, 2), ids, strict=True):
                 assert any(f"/ip4/{topo.hosts[i].ip}/" in a for a in _addresses(state, peer)), state
             assert _answer(server) == _answer(local_server)
 

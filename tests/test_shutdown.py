@@ -18,7 +18,17 @@ from typing import Any
 import httpx
 import pytest
 
-from localp2p.testing.cluster import Proc, Server, descendants, new_token, p2p_server, p2p_worker, start_server, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import (
+    Proc,
+    Server,
+    descendants,
+    new_token,
+    p2p_server,
+    p2p_worker,
+    start_server,
+    wait_for_workers,
+    worker_peer_id,
+)
 
 CHAT = "/v1/chat/completions"
 #: Long enough that a 200-token stream finishes inside it even on a busy 2-core machine.

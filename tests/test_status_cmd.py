@@ -8,12 +8,13 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 
-from localp2p.testing.cluster import LOCALP2P, Server, free_port
 from localp2p.config import EMBEDDED_MODEL_NAME
 from localp2p.status import render
+from localp2p.testing.cluster import LOCALP2P, Server, free_port
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,9 +60,9 @@ def test_no_server_is_one_line_and_exit_1() -> None:
 class _KeyedHandler(http.server.BaseHTTPRequestHandler):
     """A server that wants ``Authorization: Bearer sesame`` (to exercise --api-key end to end)."""
 
-    seen: list[str | None] = []
+    seen: ClassVar[list[str | None]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         auth = self.headers.get("Authorization")
         type(self).seen.append(auth)
         if auth != "Bearer sesame":

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from localp2p.testing.cluster import CountingProxy, start_server, start_worker
 from localp2p.genmodel import Shape, write_model
+from localp2p.testing.cluster import CountingProxy, start_server, start_worker
 
 #: llama.cpp hashes (and caches) only tensors above 10 MiB: F16 1024x5632 ffn tensors are 11 MiB.
 CACHE_SHAPE = Shape(layers=2, embd=1024, ff=5632, tensor_type="f16")

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from unittest import mock
 
 import pytest
+from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 
 from localp2p.testing.cluster import LOCALP2P, Proc, Server, free_port, rpc_server_child, start_server, start_worker
 from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
-from test_tensor_cache import CACHE_SHAPE, big_tensor_models  # noqa: F401 - the fixture
 
 #: Bytes the first load writes to the cache: ffn gate/up/down of each layer, F16.
 CACHED_BYTES = 3 * CACHE_SHAPE.layers * CACHE_SHAPE.embd * CACHE_SHAPE.ff * 2

@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from localp2p.testing.cluster import Server, new_token, p2p_server, p2p_state, p2p_worker, start_server, start_worker, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import (
+    Server,
+    new_token,
+    p2p_server,
+    p2p_state,
+    p2p_worker,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    worker_peer_id,
+)
 
 #: The Chromium the install script puts on the machine (there is no `playwright install`).
 CHROMIUM = pathlib.Path("/usr/bin/chromium")

@@ -7,8 +7,8 @@ import pathlib
 import signal
 import time
 
-from localp2p.testing.cluster import Proc, descendants, free_port, start_worker
 from localp2p.llama import rpc
+from localp2p.testing.cluster import Proc, descendants, free_port, start_worker
 
 
 def _rpc_child(worker: Proc) -> int:
@@ -62,7 +62,7 @@ def test_sigterm_and_sigint_stop_cleanly(tmp_path: pathlib.Path) -> None:
 
 
 def test_killed_worker_takes_its_rpc_server_along(tmp_path: pathlib.Path) -> None:
-    worker, endpoint = start_worker(tmp_path)
+    worker, _endpoint = start_worker(tmp_path)
     child = _rpc_child(worker)
     os.kill(worker.pid, signal.SIGKILL)
     worker.popen.wait(10)

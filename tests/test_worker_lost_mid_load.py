@@ -10,10 +10,10 @@ import signal
 import time
 
 import httpx
-
-from localp2p.testing.cluster import Proc, rpc_server_child, start_server, start_worker
-from localp2p.genmodel import write_model
 from test_tensor_cache import CACHE_SHAPE
+
+from localp2p.genmodel import write_model
+from localp2p.testing.cluster import Proc, rpc_server_child, start_server, start_worker
 
 #: Big enough that the load over the rpc-server lasts a moment on a 2-core machine.
 MODEL_SHAPE = dataclasses.replace(CACHE_SHAPE, layers=6)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ class EngineThread:
 
         return self._pool.submit(run).result()
 
-    def stream(self, make: Callable[[], Iterator[T]]) -> Iterator[T]:
+    def stream(self, make: Callable[[], Generator[T, None, None]]) -> Generator[T, None, None]:
         """The items of the generator ``make()``, which runs on the engine thread.
 
         Items are relayed as they come. When the consumer stops early (closes this
@@ -74,7 +74,7 @@ class EngineThread:
                     relay.put((_ITEM, item))
                     if stopped.is_set():
                         break
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread
+            except BaseException as exc:
                 relay.put((_ERROR, exc))
                 return
             finally:

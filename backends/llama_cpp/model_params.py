@@ -128,7 +128,7 @@ class LoadLog:
     def install(self) -> None:
         import llama_cpp  # noqa: PLC0415
 
-        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        @llama_cpp.llama_log_callback
         def on_log(level: int, text: bytes, _user_data: Any) -> None:
             self._on_log(level, text)
 

@@ -16,7 +16,7 @@ import pathlib
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,10 @@ import grpc
 import structlog
 
 from localp2p import cpumode
-from localp2p.llama import rpc
 from localp2p._proto import backend_pb2 as pb
 from localp2p._proto import backend_pb2_grpc as pb_grpc
 from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_servers
+from localp2p.llama import rpc
 from localp2p.llama.layers import assign_layers
 
 from .continuation import tracked_generation
@@ -107,7 +107,7 @@ def _request_scope(request_id: str) -> contextvars.Context:
     return scope
 
 
-def _iterate_in(scope: contextvars.Context, replies: Iterator[Any]) -> Iterator[Any]:
+def _iterate_in(scope: contextvars.Context, replies: Generator[Any, None, None]) -> Iterator[Any]:
     """Drive the generator ``replies`` inside ``scope``, closing it there too."""
     try:
         while True:
@@ -257,7 +257,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
         # gguf's GGUFReader maps every tensor and the whole vocabulary (seconds per load,
         # on every reload and every failover).
         n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
-        for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers)):
+        for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers), strict=True):
             device.layers = layers
         on_workers = sum(d.layers for d in used)
         requested_ctx, n_ctx = request.ContextSize or 2048, int(llm.n_ctx())
@@ -341,7 +341,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, self.state.error or "no model loaded")
         return model  # type: ignore[return-value]
 
-    def _generate(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
+    def _generate(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Generator[pb.Reply, None, None]:
         """Run one generation under the lock; yields one Reply per text chunk, then a final one.
 
         Stops early when the client goes away. A prompt that does not fit the context

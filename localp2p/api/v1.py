@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from localp2p.server import failover
 from localp2p._proto import backend_pb2 as pb
 from localp2p.api.errors import APIError, backend_error_body
 from localp2p.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
-from localp2p.server.backend_client import BackendError
 from localp2p.config import ModelConfig
 from localp2p.metrics import RequestRecord
+from localp2p.server import failover
+from localp2p.server.backend_client import BackendError
 from localp2p.server.supervisor import BackendSupervisor
 
 router = APIRouter(prefix="/v1")
@@ -29,7 +29,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _supervisor(request: Request) -> BackendSupervisor:
-    return request.app.state.supervisor  # type: ignore[no-any-return]
+    return request.app.state.supervisor
 
 
 def _request_id(request: Request) -> str:
@@ -117,7 +117,7 @@ async def _stream_response(
     """
     _record(request).stream = True
 
-    async def replies() -> AsyncIterator[pb.Reply]:
+    async def replies() -> AsyncGenerator[pb.Reply, None]:
         async with contextlib.aclosing(_generation(request, model, options)) as generation:
             async for reply in generation:
                 _record(request).observe(reply)

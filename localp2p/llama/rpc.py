@@ -100,7 +100,7 @@ class MessageBoundaries:
         stream is something else, and the caller should stop reading it as ggml-RPC.
     """
 
-    __slots__ = ("_header", "_header_size", "_left", "_cmd", "_requests")
+    __slots__ = ("_cmd", "_header", "_header_size", "_left", "_requests")
 
     def __init__(self, *, requests: bool) -> None:
         self._requests = requests

@@ -73,7 +73,7 @@ def failure_kind(exc: BaseException) -> PingFailure:
     return PingFailure.BROKEN
 
 
-def ping_handler(gate: AuthGate, admission: Admission):  # type: ignore[no-untyped-def]
+def ping_handler(gate: AuthGate, admission: Admission):
     """Worker side: answer pings from authenticated servers and claim ownership for them."""
 
     async def handle(stream: INetStream) -> None:

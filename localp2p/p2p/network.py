@@ -165,7 +165,7 @@ async def _run_network(
             await nursery.start(
                 lambda task_status: run_dht_discovery(
                     node,
-                    dht,  # type: ignore[arg-type]
+                    dht,
                     token.rendezvous_keys,
                     advertise=advertise,
                     search=not advertise,

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "SECRET_SIZE",
+    "TOKEN_PREFIX",
+    "TOKEN_VERSION",
     "NetworkToken",
     "TokenError",
-    "TOKEN_VERSION",
-    "TOKEN_PREFIX",
-    "SECRET_SIZE",
 ]
 
 #: Current text format version (the digit in the ``lp2p1.`` prefix).

@@ -59,15 +59,15 @@ from .node import P2PNode
 from .streams import CLEANUP_TIMEOUT, StreamHandler, quiet_reset, remote_peer_id
 
 __all__ = [
-    "TUNNEL_PROTOCOL",
-    "RELAY_CHUNK",
-    "ADMIT_OK",
     "ADMIT_BUSY",
+    "ADMIT_OK",
     "ADMIT_UNAVAILABLE",
     "REFUSED_BUSY",
+    "REFUSED_PROTOCOL",
     "REFUSED_UNAVAILABLE",
     "REFUSED_UNREACHABLE",
-    "REFUSED_PROTOCOL",
+    "RELAY_CHUNK",
+    "TUNNEL_PROTOCOL",
     "Admission",
     "ConnectionFraming",
     "Framing",
@@ -223,7 +223,7 @@ async def relay(
             if held:
                 await pass_on(held)
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
-                await p2p_stream.close_write()  # a FIN frame: also a write
+                await p2p_stream.close_write()  # type: ignore[attr-defined]  # a FIN frame: also a write (NetStream has it; INetStream does not say so)
         except Exception as exc:  # Broken/ClosedResourceError, StreamReset/Closed/Error
             failed.append(f"tcp->p2p: {type(exc).__name__}: {exc}")
             cancel.cancel()

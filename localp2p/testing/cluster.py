@@ -329,7 +329,7 @@ class Server:
         raise TimeoutError(f"server not ready:\n{self.proc.stderr()[-3000:]}")
 
     def status(self) -> dict[str, Any]:
-        return self.http.get("/api/status").json()  # type: ignore[no-any-return]
+        return self.http.get("/api/status").json()
 
     def chat(self, content: str, **params: Any) -> httpx.Response:
         body = {"messages": [{"role": "user", "content": content}], "temperature": 0, **params}
@@ -488,7 +488,7 @@ def p2p_server(
 
 
 def p2p_state(server: Server) -> dict[str, Any]:
-    return server.http.get("/api/p2p").json()  # type: ignore[no-any-return]
+    return server.http.get("/api/p2p").json()
 
 
 def wait_for_workers(server: Server, peer_ids: Sequence[str], timeout: float = 60.0) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def require_netns() -> None:
     """``pytest.skip`` (with the reason) unless namespaces are usable."""
     reason = netns_unavailable_reason()
     if reason is not None:
-        import pytest
+        import pytest  # noqa: PLC0415 - only tests call this; the module also serves bench
 
         pytest.skip(reason)
 
@@ -152,7 +152,7 @@ class Topology:
     def exec(self, i: int, argv: Sequence[str], **run_kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run ``argv`` in host ``i``'s namespace to completion."""
         run_kwargs.setdefault("timeout", IP_TIMEOUT)
-        return subprocess.run(["ip", "netns", "exec", self.hosts[i].ns, *argv], **run_kwargs)
+        return subprocess.run(["ip", "netns", "exec", self.hosts[i].ns, *argv], **run_kwargs)  # noqa: PLW1510 - callers choose check
 
     def link_down(self, i: int) -> None:
         """Unplug host ``i``: its bridge-side veth goes down (its eth0 loses carrier)."""

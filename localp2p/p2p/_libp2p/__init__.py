@@ -63,7 +63,7 @@ def install() -> None:
     :raises StartupError: (one line for the user) if the installed py-libp2p is not
         :data:`LIBP2P_VERSION`, or if a patch finds py-libp2p's code not as it expects.
     """
-    global _installed
+    global _installed  # noqa: PLW0603 - once per process, like the patches themselves
     found = installed_version()
     if found != LIBP2P_VERSION:
         raise StartupError(

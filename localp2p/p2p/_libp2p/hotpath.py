@@ -225,7 +225,7 @@ def install() -> None:
 
     :raises AttributeError: if py-libp2p's classes no longer fit (see :func:`_check`).
     """
-    global _installed
+    global _installed  # noqa: PLW0603 - once per process, like the patches themselves
     if _installed:
         return
     TrioTCPStream.read = _buffered_read  # type: ignore[method-assign]

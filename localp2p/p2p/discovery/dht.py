@@ -265,8 +265,8 @@ def _forget_addrs(dht: NodeDHT, peer_id: ID) -> None:
 
 def _merge_provider(found: dict[ID, list[Multiaddr]], info: PeerInfo) -> None:
     addrs = found.setdefault(info.peer_id, [])
-    for addr in info.addrs:
-        addr = strip_p2p(addr)
+    for raw in info.addrs:
+        addr = strip_p2p(raw)
         if addr not in addrs:
             addrs.append(addr)
 
@@ -304,7 +304,7 @@ async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID
                     )
                     for info in providers:
                         _merge_provider(found, info)
-                    closer.extend(closer_peers)
+                    closer.extend(closer_peers)  # noqa: B023 - awaited within this iteration's nursery
             except Exception as exc:
                 _log.debug("dht: GET_PROVIDERS failed", peer_id=str(peer), error=repr(exc))
 
@@ -540,8 +540,8 @@ async def _dht_search(
         except Exception as exc:
             _log.warning("dht: provider lookup failed", error=repr(exc))
     now = time.monotonic()
-    for peer, addrs in found.items():
-        addrs = advertisable_addrs(addrs)
+    for peer, candidates in found.items():
+        addrs = advertisable_addrs(candidates)
         if peer == dht.node.peer_id or not addrs:
             continue
         signature = tuple(sorted(str(a) for a in addrs))
