@@ -38,13 +38,16 @@ RUN bash scripts/install.sh && rm -rf /tmp/localp2p-wheels
 FROM python:3.11-slim-bookworm AS runtime
 
 # libgomp1: llama.cpp's CPU backend uses OpenMP; libgmp10: fastecdsa (libp2p) links GMP.
-# Not pinned, for the reason given in the build stage.
+# Not pinned, for the reason given in the build stage. The node-identity directory exists,
+# owned by the user, so a named volume mounted there starts with that owner (Docker copies
+# the image's directory into a fresh volume).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 libgmp10 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 localp2p \
-    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin localp2p
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin localp2p \
+    && install -d -o 10001 -g 10001 /home/localp2p/.local /home/localp2p/.local/state /home/localp2p/.local/state/localp2p
 
 COPY --from=build /opt/localp2p /opt/localp2p
 
