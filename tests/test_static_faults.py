@@ -53,8 +53,12 @@ def _chat(server: Server) -> dict[str, Any]:
     return reply.json()  # type: ignore[no-any-return]
 
 
-def _kill_when_generating(server: Server, worker: Proc, delay: float = 0.5) -> threading.Thread:
-    """Kill ``worker`` ``delay`` s after the backend starts the next generation (a timer thread)."""
+def _kill_when_generating(server: Server, worker: Proc, delay: float = 1.0) -> threading.Thread:
+    """Kill ``worker`` ``delay`` s after the backend starts the next generation (a timer thread).
+
+    The default leaves the prompt's evaluation (a few tenths of a second, more on a loaded
+    2-core box) behind and falls well inside the ~200 tokens' generation (seconds).
+    """
     started = server.proc.stderr().count("predict start")
 
     def run() -> None:
