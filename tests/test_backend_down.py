@@ -20,6 +20,9 @@ from localp2p.testing.cluster import Server, start_server
 
 #: Generous: the request must not end by running out of it (it would take that long).
 FAILOVER_TIMEOUT = 120
+#: A request's wait for a ready backend (--ready-timeout): a new request while the backend is
+#: FAILED must be refused long before it runs out.
+READY_TIMEOUT = 120
 #: The request must give up well before FAILOVER_TIMEOUT: a few failed starts on a 2-core machine.
 GIVE_UP_WITHIN = 60.0
 #: Events of a stream before the backend is killed: some text has reached the client.
@@ -51,7 +54,15 @@ def _wait_state(server: Server, state: str, within: float) -> dict[str, Any]:
 def test_failing_over_request_gives_up_at_once_when_the_backend_cannot_restart(tmp_path: pathlib.Path) -> None:
     models = _models(tmp_path)
     model_file = models / "model.gguf"
-    server = start_server(tmp_path, "--models-path", str(models), "--failover-timeout", str(FAILOVER_TIMEOUT))
+    server = start_server(
+        tmp_path,
+        "--models-path",
+        str(models),
+        "--failover-timeout",
+        str(FAILOVER_TIMEOUT),
+        "--ready-timeout",
+        str(READY_TIMEOUT),
+    )
     try:
         backend = server.status()["backend"]
         assert backend["state"] == "ready" and backend["restarts"] == 0
@@ -82,6 +93,13 @@ def test_failing_over_request_gives_up_at_once_when_the_backend_cannot_restart(t
         readyz = server.http.get("/readyz")
         assert readyz.status_code == 503 and readyz.json()["status"] == "failed", readyz.text
         assert "backend is down: its starts keep failing" in server.proc.stderr()
+
+        # A new request is told at once, not after --ready-timeout (READY_TIMEOUT s).
+        asked_at = time.monotonic()
+        refused = server.chat("What is 2+2?", model="m", max_tokens=8)
+        assert refused.status_code == 503, refused.text
+        assert "failed" in refused.json()["error"]["message"] and "not a GGUF model file" in refused.json()["error"]["message"]
+        assert time.monotonic() - asked_at < GIVE_UP_WITHIN
 
         model_file.unlink()
         model_file.symlink_to(embedded_model_path())

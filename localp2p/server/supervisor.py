@@ -164,8 +164,11 @@ class BackendSupervisor:
         return self.admission.admitted
 
     def _set_ready(self, ready: bool, state: BackendState) -> None:
+        """Set the state; wake the requests waiting for a ready backend when readiness
+        changes or the backend goes FAILED (they stop waiting then: see session)."""
+        entering_failed = state is BackendState.FAILED and self.status.state is not BackendState.FAILED
         self.status.state = state
-        if ready != self._ready:
+        if ready != self._ready or entering_failed:
             self._ready = ready
             self._ready_changed.set()
             self._ready_changed = trio.Event()
@@ -529,7 +532,8 @@ class BackendSupervisor:
     # -- requests ----------------------------------------------------------------------
 
     async def _wait_ready(self) -> None:
-        while not self._ready:
+        """Return once the backend is ready, or FAILED (nothing to wait for then)."""
+        while not self._ready and self.status.state is not BackendState.FAILED:
             await self._ready_changed.wait()
 
     @contextlib.asynccontextmanager
@@ -539,7 +543,8 @@ class BackendSupervisor:
         Admission control first: when ``max_queue`` requests (waiting here or running)
         are already admitted, raises QueueFull (BackendError 429, code ``queue_full``) at
         once (``max_queue`` 0: no bound). Then waits up to ``ready_wait`` seconds for a
-        (re)starting backend or a model switch, else raises BackendError(503). The
+        (re)starting backend or a model switch, else raises BackendError(503) — at once
+        while the backend is FAILED, with its last error. The
         request counts as in flight (a reload waits for it) from when it gets the
         backend until the block exits; its queue slot is freed when the block exits,
         also when the request is cancelled (a client that went away).
@@ -549,7 +554,7 @@ class BackendSupervisor:
         with self.admission.admit():
             with trio.move_on_after(self._ready_wait):
                 await self._wait_ready()
-                while self.status.model != model:
+                while self.status.model != model and self.status.state is not BackendState.FAILED:
                     await self._switch_model(model)
                     await self._wait_ready()
             if not self._ready or self._client is None or self.status.model != model:
