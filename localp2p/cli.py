@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import trio
 
 from localp2p import __version__, cpumode
-from localp2p.config import RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
+from localp2p.config import DEFAULT_PARALLEL, RPC_SERVERS_ENV, ConfigError, env_threads, load_models, parse_rpc_servers
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.logs import FORMATS, LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging, get_logger
@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of model YAML/GGUF files (env MODELS_PATH); default: the embedded SmolLM2",
     )
     run.add_argument("--threads", type=_positive_int, default=env_threads(), help="threads for llama.cpp (env THREADS)")
+    run.add_argument(
+        "--parallel",
+        type=_positive_int,
+        default=_env("LLAMACPP_PARALLEL"),
+        help=f"requests decoded together by continuous batching (env LLAMACPP_PARALLEL; default {DEFAULT_PARALLEL}; "
+        "YAML 'parallel' per model)",
+    )
     run.add_argument("--ready-timeout", type=float, default=120.0, help="seconds a request waits for a (re)starting backend before 503")
     run.add_argument("--p2p", action="store_true", default=_env("P2P") in ("1", "true"), help="find workers over libp2p (env P2P=true)")
     run.add_argument("--p2ptoken", default=None, help="network token (env P2P_TOKEN or TOKEN); generated when absent")
@@ -332,6 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         models=load_models(args.models_path),
         rpc_servers=parse_rpc_servers(_env(RPC_SERVERS_ENV)),
         threads=args.threads,
+        parallel=args.parallel,
         ready_wait=args.ready_timeout,
         models_path=args.models_path,
         min_workers=args.min_workers,

