@@ -2,8 +2,9 @@
 
 llama-cpp-python 0.3.36's ``Llama`` builds its model params from
 ``llama_model_default_params()`` and has no parameter for tensor overrides, the
-progress callback or ``use_extra_bufts``; :func:`amended_model_params` wraps that
-function for the duration of one load (callers hold the backend lock, so no other
+progress callback or ``use_extra_bufts``, nor for a context's sequence count;
+:func:`amended_model_params` and :func:`parallel_sequences` wrap llama.cpp's
+default-params functions for the duration of one load (callers hold the backend lock, so no other
 load sees the change). llama.cpp's own load log says where the weights went
 (``<buffer type> model buffer size = N MiB``); :class:`LoadLog` keeps those lines.
 """
@@ -37,22 +38,40 @@ class _BuftOverride(ctypes.Structure):
 
 
 @contextlib.contextmanager
-def amended_model_params(amend: Callable[[Any], None]) -> Iterator[None]:
-    """While active, every ``llama_model_default_params()`` result passes through ``amend``."""
+def _amended_defaults(name: str, amend: Callable[[Any], None]) -> Iterator[None]:
+    """While active, every result of llama.cpp's ``name()`` (a default-params function, as
+    llama-cpp-python calls it) passes through ``amend``."""
     import llama_cpp.llama_cpp as lib  # noqa: PLC0415 - heavy; imported at load time
 
-    original = lib.llama_model_default_params
+    original = getattr(lib, name)
 
     def amended() -> Any:
         params = original()
         amend(params)
         return params
 
-    lib.llama_model_default_params = amended
+    setattr(lib, name, amended)
     try:
         yield
     finally:
-        lib.llama_model_default_params = original
+        setattr(lib, name, original)
+
+
+def amended_model_params(amend: Callable[[Any], None]) -> contextlib.AbstractContextManager[None]:
+    """While active, every ``llama_model_default_params()`` result passes through ``amend``."""
+    return _amended_defaults("llama_model_default_params", amend)
+
+
+def parallel_sequences(parallel: int) -> contextlib.AbstractContextManager[None]:
+    """While active, contexts are made for ``parallel`` sequences, each in a KV-cache stream
+    of its own (``kv_unified=false``: a sequence's cells are its positions, whatever the
+    others hold; see batching). ``Llama`` has no parameter for either."""
+
+    def amend(params: Any) -> None:
+        params.n_seq_max = parallel
+        params.kv_unified = False
+
+    return _amended_defaults("llama_context_default_params", amend)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import os
 import pathlib
+import queue
 import resource
 import threading
 import time
@@ -30,12 +31,18 @@ from localp2p.config import RPC_SERVERS_ENV, ConfigError, check_gguf, parse_rpc_
 from localp2p.llama import rpc
 from localp2p.llama.layers import assign_layers
 
-from .continuation import tracked_generation
+from . import structured
+from .batching import END, ERROR, PROMPT_CHUNK, Job, RequestError, Scheduler
+from .chat_prompt import ChatPrompt
 from .engine_thread import EngineThread
-from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, progress_callback
+from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, parallel_sequences, progress_callback
+from .sampling import GrammarError, Sampler, SamplingParams
+from .text_out import TextOutput
 
 log = structlog.get_logger("backend")
 
+#: Seconds between looks at whether a waiting request's client is still there.
+REPLY_POLL = 1.0
 #: Embeddings come from a second, CPU-only context of the same file: llama.cpp needs a
 #: context created in embedding mode, and keeping it local sends nothing to workers.
 EMBEDDING_GPU_LAYERS = 0
@@ -58,6 +65,9 @@ class LoadedModel:
     llm: Any  # llama_cpp.Llama
     layers_total: int
     layers_local: int
+    scheduler: Scheduler
+    chat: ChatPrompt | None  # None: the chat format cannot be rendered (chat requests are refused)
+    chat_error: str = ""
     embedder: Any = None
     _end_tokens: list[int] | None = None
 
@@ -80,7 +90,6 @@ class BackendState:
     devices: list[DeviceState] = field(default_factory=list)
     registered: tuple[str, ...] | None = None
     error: str = ""
-    busy: bool = False
     # Model load progress, written by llama.cpp's progress callback, read by Status
     # (which answers from another gRPC thread while LoadModel holds ``lock``).
     loading: bool = False
@@ -125,21 +134,23 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
-def _sampling_kwargs(req: pb.PredictOptions) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "temperature": req.Temperature,
-        "top_p": req.TopP if req.TopP > 0 else 1.0,
-        "top_k": req.TopK if req.TopK > 0 else 40,
-        "min_p": req.MinP if req.MinP > 0 else 0.05,
-        "repeat_penalty": req.RepeatPenalty if req.RepeatPenalty > 0 else 1.0,
-        "presence_penalty": req.PresencePenalty,
-        "frequency_penalty": req.FrequencyPenalty,
-        "max_tokens": req.Tokens if req.Tokens > 0 else None,
-        "stop": list(req.StopPrompts) or None,
-    }
-    if req.Seed:
-        kwargs["seed"] = req.Seed
-    return kwargs
+def _sampling_params(req: pb.PredictOptions, grammar: str, bans: list[int]) -> SamplingParams:
+    """The request's sampler settings (llama.cpp's defaults where it left a field at 0)."""
+    bias = {int(token): float(value) for token, value in req.LogitBias.items()}
+    for token in bans:  # ignore_eos: no end-of-generation token can be drawn
+        bias[token] = float("-inf")
+    return SamplingParams(
+        temperature=req.Temperature,
+        top_p=req.TopP if req.TopP > 0 else 1.0,
+        top_k=req.TopK if req.TopK > 0 else 40,
+        min_p=req.MinP if req.MinP > 0 else 0.05,
+        repeat_penalty=req.RepeatPenalty if req.RepeatPenalty > 0 else 1.0,
+        presence_penalty=req.PresencePenalty,
+        frequency_penalty=req.FrequencyPenalty,
+        seed=req.Seed,
+        logit_bias=tuple(sorted(bias.items())),
+        grammar=grammar,
+    )
 
 
 def _crash_failpoint(state: BackendState) -> None:
@@ -188,9 +199,10 @@ class LlamaBackend(pb_grpc.BackendServicer):
             if self.state.registered is None:
                 self.state.devices = self._register(servers, bound)
                 self.state.registered = servers
-            self.state.model = None  # drop the old model before loading the next
+            self._unload()  # drop the old model before loading the next
             try:
                 self.state.model = self._load(request, bound)
+                self.engine.stepper = self.state.model.scheduler
             except Exception as exc:  # llama-cpp-python raises bare ValueError/RuntimeError
                 self.state.error = f"failed to load {request.Model}: {exc}"
                 bound.error("model load failed", error=str(exc))
@@ -232,20 +244,24 @@ class LlamaBackend(pb_grpc.BackendServicer):
             bound.warning("tensor_split ignored: it names a different number of devices", split=split, devices=len(used))
             split = []
         keep_output = bool(used) and not request.OffloadOutput
+        parallel = max(1, request.Parallel)
+        context_size = request.ContextSize or 2048
         started = time.monotonic()
         self.state.load_log.begin_load()
         with (
             output_layer_on_host(keep_output),
             self._load_progress(),
             extra_buffer_types(self.state.extra_buffer_types),
+            parallel_sequences(parallel),
         ):
             llm = llama_cpp.Llama(
                 model_path=str(model_file),
-                n_ctx=request.ContextSize or 2048,
+                n_ctx=context_size * parallel,  # each sequence gets the whole window
                 n_threads=request.Threads or None,
                 n_gpu_layers=n_gpu_layers,
                 tensor_split=split or None,
-                n_batch=request.Batch or 512,
+                n_batch=max(request.Batch or 512, PROMPT_CHUNK, parallel),
+                n_ubatch=max(request.Batch or 512, PROMPT_CHUNK, parallel),
                 use_mmap=request.MMap,
                 use_mlock=request.MLock,
                 seed=request.Seed or llama_cpp.LLAMA_DEFAULT_SEED,
@@ -260,12 +276,19 @@ class LlamaBackend(pb_grpc.BackendServicer):
         for device, layers in zip(used, assign_layers(n_layer, split or [float(d.memory_free) for d in used], n_gpu_layers), strict=True):
             device.layers = layers
         on_workers = sum(d.layers for d in used)
-        requested_ctx, n_ctx = request.ContextSize or 2048, int(llm.n_ctx())
-        if n_ctx != requested_ctx:  # llama.cpp rounds the context up (to a multiple of 256)
-            bound.warning("context size adjusted by llama.cpp", context_size=requested_ctx, effective=n_ctx)
+        scheduler = Scheduler(llm, parallel)
+        n_ctx = scheduler.n_ctx_seq
+        if n_ctx != context_size:  # llama.cpp rounds the context up (to a multiple of 256)
+            bound.warning("context size adjusted by llama.cpp", context_size=context_size, effective=n_ctx)
+        try:
+            chat, chat_error = ChatPrompt(llm), ""
+        except (ValueError, KeyError) as exc:
+            chat, chat_error = None, str(exc)
+            bound.warning("chat requests will be refused", reason=chat_error)
         bound.info(
             "model loaded",
             context_size=n_ctx,
+            parallel=parallel,
             seconds=round(time.monotonic() - started, 2),
             layers=n_layer,
             on_workers=on_workers,
@@ -280,7 +303,17 @@ class LlamaBackend(pb_grpc.BackendServicer):
             llm=llm,
             layers_total=n_layer,
             layers_local=n_layer - on_workers,
+            scheduler=scheduler,
+            chat=chat,
+            chat_error=chat_error,
         )
+
+    def _unload(self) -> None:
+        """Drop the loaded model (on the engine thread): its jobs end with an error."""
+        model, self.state.model = self.state.model, None
+        self.engine.stepper = None
+        if model is not None:
+            model.scheduler.close()
 
     @contextlib.contextmanager
     def _load_progress(self) -> Iterator[None]:
@@ -297,8 +330,11 @@ class LlamaBackend(pb_grpc.BackendServicer):
             self.state.loading = False
 
     def Free(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Result:
-        with self.state.lock:
-            self.state.model = None
+        def free() -> None:
+            with self.state.lock:
+                self._unload()
+
+        self.engine.call(free)
         return pb.Result(success=True, message="freed")
 
     def Status(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.StatusResponse:
@@ -308,7 +344,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
         elif model is None:
             state = pb.StatusResponse.UNINITIALIZED
         else:
-            state = pb.StatusResponse.BUSY if self.state.busy else pb.StatusResponse.READY
+            state = pb.StatusResponse.BUSY if model.scheduler.running else pb.StatusResponse.READY
         return pb.StatusResponse(
             state=state,
             model=model.name if model else "",
@@ -341,102 +377,112 @@ class LlamaBackend(pb_grpc.BackendServicer):
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, self.state.error or "no model loaded")
         return model  # type: ignore[return-value]
 
-    def _generate(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Generator[pb.Reply, None, None]:
-        """Run one generation under the lock; yields one Reply per text chunk, then a final one.
-
-        Stops early when the client goes away. A prompt that does not fit the context
-        is INVALID_ARGUMENT.
-        """
-        bound = log.bind(request_id=request.RequestId or None)
-        with self.state.lock:
-            if not context.is_active():
-                # Cancelled while it queued for the lock: generate nothing.
-                bound.info("client went away before its turn; generation skipped")
-                return
-            model = self._model(context)
-            continued = list(request.ContinueTokens)
-            if any(not 0 <= token < model.llm.n_vocab() for token in continued):
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ContinueTokens holds ids outside the vocabulary")
-            kwargs = _sampling_kwargs(request)
-            if request.IgnoreEOS:
-                kwargs["logit_bias"] = {token: float("-inf") for token in model.end_tokens()}
-            # Evaluate every prompt in full: reusing the KV cache of the previous request's
-            # prefix evaluates the last prompt token in a batch of one, whose float results
-            # differ slightly, so greedy output would depend on the request before it.
-            model.llm.reset()
-            _crash_failpoint(self.state)
-            started = time.monotonic()
-            first_at: float | None = None
-            tokens = prompt_tokens = 0
-            finish = "stop"
-            self.state.busy = True
-            ends = frozenset(model.end_tokens())
-            # Entered here and exited in the ``finally`` below: token ids for the replies,
-            # and the continuation of a failed-over request (ContinueTokens).
-            generation = tracked_generation(model.llm, continued, ends.__contains__)
-            ids = generation.__enter__()
-            if continued:
-                bound.info("continuing a generation", continued_tokens=len(continued))
+    def _job(self, model: LoadedModel, request: pb.PredictOptions) -> Job:
+        """The scheduler's job for ``request`` (prompt tokens, sampler, output); raises
+        RequestError for what cannot be served as asked."""
+        llm = model.llm
+        continued = list(request.ContinueTokens)
+        if any(not 0 <= token < llm.n_vocab() for token in continued):
+            raise RequestError("ContinueTokens holds ids outside the vocabulary")
+        if any(not 0 <= token < llm.n_vocab() for token in request.LogitBias):
+            raise RequestError(f"logit_bias names a token id outside the vocabulary (0..{llm.n_vocab() - 1})")
+        try:
+            plan = structured.plan(request.ResponseFormat, request.Tools, request.ToolChoice, request.ParallelToolCalls)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        stop = list(request.StopPrompts)
+        if request.Messages:
+            if model.chat is None:
+                raise RequestError(f"model {model.name} cannot serve chat: {model.chat_error}")
+            messages = [
+                {
+                    "role": m.role,
+                    "content": m.content,
+                    **({"name": m.name} if m.name else {}),
+                    **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                    **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {}),
+                }
+                for m in request.Messages
+            ]
             try:
-                if request.Messages:
-                    messages = [
-                        {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                        for m in request.Messages
-                    ]
-                    stream = model.llm.create_chat_completion(messages=messages, stream=True, **kwargs)
-                else:
-                    stream = model.llm.create_completion(
-                        prompt=request.Prompt, stream=True, echo=request.Echo, **kwargs
-                    )
-                for chunk in stream:
-                    choice = chunk["choices"][0]
-                    text = choice.get("text")
-                    if text is None:
-                        text = (choice.get("delta") or {}).get("content") or ""
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-                    if not text:
-                        continue
-                    if first_at is None:
-                        first_at = time.monotonic()
-                    tokens = ids.completion
-                    yield pb.Reply(message=text.encode("utf-8"), tokens=tokens, token_ids=ids.take())
-                    if not context.is_active():
-                        bound.info("client went away; generation stopped", tokens=tokens)
-                        return
-                tokens, prompt_tokens = ids.completion, ids.prompt
+                rendered = model.chat.tokens(structured.chat_messages(messages, plan))
             except ValueError as exc:
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except GeneratorExit:
-                # gRPC closes the stream when the call is cancelled (the HTTP client went away).
-                bound.info("client went away; generation stopped", tokens=tokens)
-                raise
-            finally:
-                generation.__exit__(None, None, None)
-                self.state.busy = False
-            done = time.monotonic()
-            first_at = first_at or done
-            bound.info(
-                "generation done",
-                tokens=tokens,
-                prompt_tokens=prompt_tokens,
-                ttft_ms=round((first_at - started) * 1000, 1),
-                tokens_per_s=round(tokens / (done - first_at), 1) if done > first_at else None,
-            )
-            yield pb.Reply(
-                message=b"",
-                tokens=tokens,
-                prompt_tokens=prompt_tokens,
-                finish_reason=finish,
-                token_ids=ids.take(),
-                timing_prompt_processing=first_at - started,
-                timing_token_generation=done - first_at,
-            )
+                raise RequestError(str(exc)) from None
+            prompt, stop = rendered.tokens, stop + list(rendered.stop)
+        else:
+            if plan.calls_tools:
+                raise RequestError("tools need chat messages")
+            prompt = list(llm.tokenize(request.Prompt.encode("utf-8"), add_bos=True, special=True))
+        limit = model.scheduler.n_ctx_seq
+        if len(prompt) + len(continued) >= limit:
+            raise RequestError(f"Requested tokens ({len(prompt) + len(continued)}) exceed context window of {limit}")
+        try:
+            bans = model.end_tokens() if request.IgnoreEOS else []
+            sampler = Sampler(model.scheduler.vocab, llm.n_vocab(), _sampling_params(request, plan.grammar, bans))
+        except GrammarError as exc:
+            raise RequestError(str(exc)) from None
+        for token in continued:  # penalties and grammar state as in the first run
+            sampler.accept(token)
+        return Job(
+            prompt=prompt,
+            continued=continued,
+            sampler=sampler,
+            output=TextOutput(stop),
+            ends=frozenset(model.end_tokens()),
+            max_tokens=max(0, request.Tokens),
+            logprobs=request.Logprobs,
+            top_logprobs=max(0, request.TopLogprobs),
+            tools=structured.ToolCallOutput(plan.tools_required) if plan.calls_tools else None,
+            echo=request.Prompt if request.Echo and not request.Messages else "",
+            request_id=request.RequestId,
+        )
+
+    def _submit(self, model: LoadedModel, job: Job) -> None:
+        """On the engine thread: queue ``job`` on ``model``, unless another model was loaded since."""
+        if self.state.model is not model:
+            raise RequestError("the model was replaced while the request was prepared; retry")
+        _crash_failpoint(self.state)
+        model.scheduler.submit(job)
+
+    def _generate(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Generator[pb.Reply, None, None]:
+        """One generation's replies (text chunks, then the final one), as the engine makes them.
+
+        The job is cancelled when the client goes away (the call ends) or stops reading.
+        A request that cannot be served as asked is INVALID_ARGUMENT.
+        """
+        model = self._model(context)
+        try:
+            job = self._job(model, request)
+        except RequestError as exc:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if job.continued:
+            log.info("continuing a generation", continued_tokens=len(job.continued))
+        context.add_callback(job.cancelled.set)
+        try:
+            self.engine.call(self._submit, model, job, exclusive=False)
+        except RequestError as exc:
+            job.sampler.close()
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        try:
+            while True:
+                try:
+                    kind, value = job.replies.get(timeout=REPLY_POLL)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if kind == END:
+                    return
+                if kind == ERROR:
+                    _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {value}")
+                yield value
+        finally:
+            job.cancelled.set()
 
     def PredictStream(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
         scope = _request_scope(request.RequestId)
         scope.run(log.info, "predict start", stream=True, max_tokens=request.Tokens or None)
-        yield from _iterate_in(scope, self.engine.stream(lambda: self._generate(request, context)))
+        yield from _iterate_in(scope, self._generate(request, context))
 
     def Predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
         scope = _request_scope(request.RequestId)
@@ -445,13 +491,21 @@ class LlamaBackend(pb_grpc.BackendServicer):
 
     def _predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
         parts: list[bytes] = []
+        logprobs: list[pb.TokenLogprob] = []
+        ids: list[int] = []
         final = pb.Reply()
-        for reply in self.engine.stream(lambda: self._generate(request, context)):
+        for reply in self._generate(request, context):
+            ids.extend(reply.token_ids)
+            logprobs.extend(reply.logprobs)
             if reply.finish_reason:
                 final = reply
             else:
                 parts.append(reply.message)
         final.message = b"".join(parts)
+        del final.token_ids[:]
+        final.token_ids.extend(ids)
+        del final.logprobs[:]
+        final.logprobs.extend(logprobs)
         return final
 
     def TokenizeString(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.TokenizationResponse:
@@ -460,7 +514,7 @@ class LlamaBackend(pb_grpc.BackendServicer):
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     def Embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
-        return _request_scope(request.RequestId).run(self.engine.call, self._embedding, request, context)
+        return _request_scope(request.RequestId).run(self.engine.call, self._embedding, request, context, exclusive=False)
 
     def _embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
         import llama_cpp  # noqa: PLC0415
