@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from .models import BenchModel
 from .procs import Procs, Server, new_token, wait_for_workers, worker_peer_id
 from .prompts import SAMPLING, prompt
 from .stats import CpuWatch, summary
+from .streaming import stream
 
 CONFIGS = ("inproc", "local", "static", "p2p")
 #: Tokens of the tiny-prompt requests that measure the API's fixed cost per request.
@@ -72,51 +72,24 @@ def aggregate(runs: list[dict[str, Any]], max_tokens: int, **extra: Any) -> dict
     }
 
 
+def completion_body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
+    """A greedy /v1/completions request that runs to exactly ``max_tokens`` (``ignore_eos``)."""
+    return {"model": model, "prompt": text, "max_tokens": max_tokens, "ignore_eos": True, **SAMPLING}
+
+
 def stream_once(server: Server, model: str, text: str, max_tokens: int) -> dict[str, Any]:
     """One streamed /v1/completions request, timed by the client."""
-    body = {
-        "model": model,
-        "prompt": text,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **SAMPLING,
-    }
-    usage: dict[str, Any] = {}
-    finish = None
-    first = last = None
-    chunks = 0
-    started = time.perf_counter()
-    with server.http.stream("POST", "/v1/completions", json=body, timeout=300) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:500]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"stream error: {event['error']}")
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                finish = choice.get("finish_reason") or finish
-                if choice.get("text"):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    chunks += 1
-    if first is None or last is None:
-        raise RuntimeError("no text streamed")
-    if finish != "length" or not usage:
+    s = stream(server.http, "/v1/completions", completion_body(model, text, max_tokens), timeout=300)
+    if s.finish != "length" or not s.usage:
         # ignore_eos must run to max_tokens (usage.completion_tokens counts text chunks, not tokens)
-        raise RuntimeError(f"expected {max_tokens} tokens (finish_reason length), got {finish!r}, usage {usage}")
+        raise RuntimeError(f"expected {max_tokens} tokens (finish_reason length), got {s.finish!r}, usage {s.usage}")
     return {
-        "ttft_s": first - started,
-        "prompt_tokens": int(usage["prompt_tokens"]),
-        "generated_tokens": int(usage["completion_tokens"]),
-        "chunks": chunks,
-        "gen_s": last - first,
+        "ttft_s": s.ttft_s,
+        "prompt_tokens": int(s.usage["prompt_tokens"]),
+        "generated_tokens": s.completion_tokens(),
+        "chunks": len(s.times),
+        "gen_s": s.gen_s,
+        **({"server_timings": s.timings} if s.timings else {}),
     }
 
 
@@ -150,7 +123,7 @@ def _devices(server: Server) -> list[dict[str, Any]]:
     return [{"endpoint": d["endpoint"], "layers": d["layers"]} for d in status.get("devices", []) if d.get("used")]
 
 
-def _check_two_workers(server: Server) -> list[dict[str, Any]]:
+def check_two_workers(server: Server) -> list[dict[str, Any]]:
     devices = _devices(server)
     if len(devices) != 2 or not all(d["layers"] > 0 for d in devices):
         raise RuntimeError(f"the server does not use both workers: {devices}")
@@ -211,7 +184,7 @@ def run_model(procs: Procs, model: BenchModel, plan: GenPlan, log: Any = print) 
         server = procs.server(
             t, *model.server_args(), rpc_servers=endpoints, name=f"{model.key}-static", timeout=plan.wait_timeout
         )
-        serve("static", server, _check_two_workers(server))
+        serve("static", server, check_two_workers(server))
 
     def start_p2p() -> None:
         token = new_token()
@@ -227,7 +200,7 @@ def run_model(procs: Procs, model: BenchModel, plan: GenPlan, log: Any = print) 
             load["tunnel"] = load_bench.p2p_loads(procs, model, token, t, peers, dirs, plan.load_reps, plan.wait_timeout, log)
         server = procs.p2p_server(token, t, "--min-workers", "2", *model.server_args(), name=f"{model.key}-p2p", wait=False)
         wait_for_workers(server, peers, timeout=plan.wait_timeout)
-        serve("p2p", server, _check_two_workers(server))
+        serve("p2p", server, check_two_workers(server))
 
     with procs.group():
         for name, fn in (("inproc", start_inproc), ("local", start_local), ("static", start_static), ("p2p", start_p2p)):

@@ -8,45 +8,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from .generation import CONFIGS, LABELS
 from .stats import ratio
-
-
-@dataclass
-class Row:
-    layer: str
-    measurement: str
-    value: str = ""
-    ratio: str = ""
-    goal: str = ""
-    result: str = ""  # PASS | MISS | ERROR | ""
-    # for the chart
-    chart: str = ""  # "ratio" | "goal" | ""
-    number: float | None = None
-    limit: float | None = None
-    higher_is_better: bool = True
-    label: str = ""  # chart label, when the measurement name alone does not say what the ratio is
-
-
-def _fmt(x: float | None, unit: str = "", digits: int | None = None) -> str:
-    if x is None:
-        return "–"
-    if digits is None:
-        digits = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2 if abs(x) >= 1 else 3
-    return f"{x:,.{digits}f}{(' ' + unit) if unit else ''}"
-
-
-def _mm(s: dict[str, Any] | None, unit: str = "", scale: float = 1.0, digits: int | None = None) -> str:
-    """``median [min – max] unit`` of a summary."""
-    if not s or s.get("median") is None:
-        return "–"
-    med, lo, hi = (s[k] * scale for k in ("median", "min", "max"))
-    if s.get("n", 0) <= 1:
-        return f"{_fmt(med, unit, digits)} (n=1)"
-    return f"{_fmt(med, '', digits)} [{_fmt(lo, '', digits)} – {_fmt(hi, '', digits)}] {unit}".rstrip()
+from .table import Row, fmt, goal_row, mm
 
 
 def _median_other(runs: list[dict[str, Any]]) -> float | None:
@@ -58,27 +25,6 @@ def _other(section: dict[str, Any]) -> str:
     """How busy the rest of the machine was while this was measured."""
     cores = section.get("other_cores")
     return "" if cores is None else f" · other processes {cores:.2f} cores"
-
-
-def _judge(value: float | None, limit: float, higher_is_better: bool) -> str:
-    if value is None:
-        return "MISS"
-    return "PASS" if (value >= limit if higher_is_better else value <= limit) else "MISS"
-
-
-def _goal_row(
-    layer: str,
-    name: str,
-    value: str,
-    number: float | None,
-    limit: float,
-    higher: bool,
-    goal: str,
-    ratio_text: str = "",
-    chart: str = "goal",
-    label: str = "",
-) -> Row:
-    return Row(layer, name, value, ratio_text, goal, _judge(number, limit, higher), chart, number, limit, higher, label)
 
 
 def build_rows(results: dict[str, Any]) -> list[Row]:
@@ -94,13 +40,13 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         def pair(what: str, key: str, unit: str, chart_label: str, *, higher_is_better: bool = True) -> None:
             """A direct row and a tunnel row with its tunnel ÷ direct ratio (charted)."""
             r = ratio(t[key], d[key])
-            rows.append(Row("Link", f"{what}, direct TCP", _mm(d[key], unit)))
+            rows.append(Row("Link", f"{what}, direct TCP", mm(d[key], unit)))
             rows.append(
                 Row(
                     "Link",
                     f"{what}, tunnel",
-                    _mm(t[key], unit),
-                    f"tunnel ÷ direct {_fmt(r)}",
+                    mm(t[key], unit),
+                    f"tunnel ÷ direct {fmt(r)}",
                     chart="ratio",
                     number=r,
                     higher_is_better=higher_is_better,
@@ -114,8 +60,8 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             Row(
                 "Link",
                 f"{size} B round trip p99, direct / tunnel",
-                f"{_mm(d['rtt_p99_us'], 'µs')} / {_mm(t['rtt_p99_us'], 'µs')}",
-                f"tunnel ÷ direct {_fmt(ratio(t['rtt_p99_us'], d['rtt_p99_us']))}",
+                f"{mm(d['rtt_p99_us'], 'µs')} / {mm(t['rtt_p99_us'], 'µs')}",
+                f"tunnel ÷ direct {fmt(ratio(t['rtt_p99_us'], d['rtt_p99_us']))}",
             )
         )
         relay_cpu = link.get("tunnel_cpu_us_per_round_trip")
@@ -124,14 +70,14 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 Row(
                     "Link",
                     f"CPU per {size} B round trip through the tunnel, server end / worker end (+ echo)",
-                    f"{_mm(relay_cpu['server'], 'µs')} / {_mm(relay_cpu['worker'], 'µs')}",
+                    f"{mm(relay_cpu['server'], 'µs')} / {mm(relay_cpu['worker'], 'µs')}",
                 )
             )
         rows.append(
             Row(
                 "Link",
                 "new connection to first echoed byte, direct / tunnel",
-                f"{_mm(d['connect_ms'], 'ms', digits=2)} / {_mm(t['connect_ms'], 'ms', digits=2)}{_other(link)}",
+                f"{mm(d['connect_ms'], 'ms', digits=2)} / {mm(t['connect_ms'], 'ms', digits=2)}{_other(link)}",
             )
         )
     elif link:
@@ -156,7 +102,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 Row(
                     layer,
                     LABELS[name],
-                    f"gen {_mm(c['gen_tok_s'], 'tok/s')} · pp {_mm(c['pp_tok_s'], 'tok/s')} · TTFT {_mm(c['ttft_ms'], 'ms')}"
+                    f"gen {mm(c['gen_tok_s'], 'tok/s')} · pp {mm(c['pp_tok_s'], 'tok/s')} · TTFT {mm(c['ttft_ms'], 'ms')}"
                     f"{layout}{_other(c)}",
                 )
             )
@@ -166,7 +112,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
 
         p2p = gen_ratio("p2p", "static")
         rows.append(
-            _goal_row(
+            goal_row(
                 layer,
                 "p2p ÷ static (direct TCP), generation tok/s",
                 "",
@@ -174,13 +120,13 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 0.9,
                 True,
                 "≥ 0.9",
-                f"{_fmt(p2p)} (pp {_fmt(gen_ratio('p2p', 'static', 'pp_tok_s'))})",
+                f"{fmt(p2p)} (pp {fmt(gen_ratio('p2p', 'static', 'pp_tok_s'))})",
                 chart="ratio",
             )
         )
         two = gen_ratio("static", "local")
         rows.append(
-            _goal_row(
+            goal_row(
                 layer,
                 "2 workers (static) ÷ local, generation tok/s",
                 "",
@@ -188,7 +134,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 0.9,
                 True,
                 "≥ 0.9",
-                f"{_fmt(two)} (pp {_fmt(gen_ratio('static', 'local', 'pp_tok_s'))})",
+                f"{fmt(two)} (pp {fmt(gen_ratio('static', 'local', 'pp_tok_s'))})",
                 chart="ratio",
             )
         )
@@ -198,7 +144,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 layer,
                 "HTTP API ÷ in-process, generation tok/s",
                 "",
-                f"{_fmt(api)} (pp {_fmt(gen_ratio('local', 'inproc', 'pp_tok_s'))})",
+                f"{fmt(api)} (pp {fmt(gen_ratio('local', 'inproc', 'pp_tok_s'))})",
                 chart="ratio",
                 number=api,
             )
@@ -211,10 +157,10 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             paths, r = ld["paths"], ld["ratios"]
             for path, label in (("direct", "direct TCP"), ("tunnel", "tunnels")):
                 first = paths[path]["first"]
-                text = f"{_mm(first['load_s'], 's')} · {_mm(first['bytes_sent'], 'MB', 1e-6)} sent"
+                text = f"{mm(first['load_s'], 's')} · {mm(first['bytes_sent'], 'MB', 1e-6)} sent"
                 text += _other({"other_cores": _median_other(first["runs"])})
                 if path == "tunnel":
-                    row = _goal_row(
+                    row = goal_row(
                         llayer,
                         f"first load, {label}",
                         text,
@@ -222,7 +168,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                         2.0,
                         False,
                         "≤ 2× direct",
-                        f"tunnel ÷ direct {_fmt(r['tunnel_vs_direct_first_load'])}",
+                        f"tunnel ÷ direct {fmt(r['tunnel_vs_direct_first_load'])}",
                         chart="ratio",
                     )
                     row.label = f"{llayer}: first load seconds, tunnels ÷ direct"
@@ -232,15 +178,15 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             for path, label in (("direct", "direct TCP"), ("tunnel", "tunnels")):
                 cached = paths[path]["cached"]
                 frac = r[f"{path}_cached_fraction"]
-                row = _goal_row(
+                row = goal_row(
                     llayer,
                     f"cached reload (--cache-dir), {label}",
-                    f"{_mm(cached['load_s'], 's')} · {_mm(cached['bytes_sent'], 'MB', 1e-6, digits=2)} sent",
+                    f"{mm(cached['load_s'], 's')} · {mm(cached['bytes_sent'], 'MB', 1e-6, digits=2)} sent",
                     frac,
                     0.01,
                     False,
                     "< 1 % of weights",
-                    f"{_fmt(frac * 100 if frac is not None else None, digits=3)} % of weights",
+                    f"{fmt(frac * 100 if frac is not None else None, digits=3)} % of weights",
                     chart="ratio",
                 )
                 row.label = f"{llayer}: cached reload bytes ÷ weight bytes, {label}"
@@ -253,10 +199,10 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             if not m:
                 continue
             rows.append(
-                _goal_row(
+                goal_row(
                     "Discovery",
                     f"{label}: worker start → listed online in /api/p2p",
-                    f"{_mm(m['listed_s'], 's')} (its own start-up, to 'worker ready': {_mm(m['ready_s'], 's')})",
+                    f"{mm(m['listed_s'], 's')} (its own start-up, to 'worker ready': {mm(m['ready_s'], 's')})",
                     m["listed_s"]["median"],
                     limit,
                     False,
@@ -269,10 +215,10 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             if not m:
                 continue
             rows.append(
-                _goal_row(
+                goal_row(
                     "Discovery",
                     f"{label}: worker start → used by the next request (no restart)",
-                    _mm(m["used_s"], "s"),
+                    mm(m["used_s"], "s"),
                     m["used_s"]["median"],
                     15.0,
                     False,
@@ -284,7 +230,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             m = disc.get(mode)
             if m and m["dropped_s"]["n"]:
                 rows.append(
-                    Row("Discovery", f"{label}: worker stopped → dropped, server ready again locally", _mm(m["dropped_s"], "s"))
+                    Row("Discovery", f"{label}: worker stopped → dropped, server ready again locally", mm(m["dropped_s"], "s"))
                 )
     elif disc:
         rows.append(Row("Discovery", "mDNS / DHT", result="ERROR", value=disc["error"][:120]))
@@ -298,12 +244,12 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         tiny = api.get("tiny")
         if tiny:
             rows.append(
-                _goal_row(
+                goal_row(
                     "API overhead",
                     f"{key}: TTFT, (b) HTTP API − (a) in-process, tiny prompt ({tiny['prompt_tokens']['median']:.0f} tokens), "
                     f"{tiny['ttft_ms']['n']} paired requests",
-                    f"{_mm(tiny['ttft_ms'], 'ms')} (TTFT {_fmt(tiny['local_ttft_ms']['median'])} vs "
-                    f"{_fmt(tiny['inproc_ttft_ms']['median'])} ms)",
+                    f"{mm(tiny['ttft_ms'], 'ms')} (TTFT {fmt(tiny['local_ttft_ms']['median'])} vs "
+                    f"{fmt(tiny['inproc_ttft_ms']['median'])} ms)",
                     tiny["ttft_ms"]["median"],
                     20.0,
                     False,
@@ -317,8 +263,8 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             Row(
                 "API overhead",
                 f"{key}: TTFT, (b) − (a), the ~95-token prompt, paired (compute noise ≫ overhead: not judged)",
-                f"{_mm(ttft, 'ms')} (TTFT {_fmt(c['local']['ttft_ms']['median'])} vs "
-                f"{_fmt(c['inproc']['ttft_ms']['median'])} ms)",
+                f"{mm(ttft, 'ms')} (TTFT {fmt(c['local']['ttft_ms']['median'])} vs "
+                f"{fmt(c['inproc']['ttft_ms']['median'])} ms)",
                 f"{ttft['median']:+.1f} ms",
             )
         )
@@ -327,8 +273,8 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             Row(
                 "API overhead",
                 f"{key}: per generated token, (b) − (a), paired",
-                f"{_mm(per_token, 'ms', digits=2)} ({_fmt(c['local']['per_token_ms']['median'])} vs "
-                f"{_fmt(c['inproc']['per_token_ms']['median'])} ms/token)",
+                f"{mm(per_token, 'ms', digits=2)} ({fmt(c['local']['per_token_ms']['median'])} vs "
+                f"{fmt(c['inproc']['per_token_ms']['median'])} ms/token)",
                 f"{per_token['median']:+.2f} ms/token",
             )
         )
@@ -349,12 +295,12 @@ def _cpu_mode_rows(cpu: dict[str, Any] | None) -> list[Row]:
             ratio_text = ""
             if mode != "default" and base:
                 pp, gen = ratio(m["pp_tok_s"], base["pp_tok_s"]), ratio(m["gen_tok_s"], base["gen_tok_s"])
-                ratio_text = f"pp {_fmt(pp, digits=2)}× · gen {_fmt(gen, digits=2)}× of default"
+                ratio_text = f"pp {fmt(pp, digits=2)}× · gen {fmt(gen, digits=2)}× of default"
             rows.append(
                 Row(
                     "CPU modes",
                     f"{label}, mode {mode} (weights in {buffers}), {cpu['cpu']}",
-                    f"pp {_mm(m['pp_tok_s'], 'tok/s')} · gen {_mm(m['gen_tok_s'], 'tok/s')}",
+                    f"pp {mm(m['pp_tok_s'], 'tok/s')} · gen {mm(m['gen_tok_s'], 'tok/s')}",
                     ratio_text,
                 )
             )
