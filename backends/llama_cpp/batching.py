@@ -379,6 +379,7 @@ class Scheduler:
             "",
             pb.Reply(
                 prompt_tokens=job.ids.prompt,
+                cached_tokens=job.reused,
                 finish_reason=reason,
                 tool_calls=tool_calls,
                 timing_prompt_processing=first_at - job.submitted,
