@@ -64,6 +64,10 @@ class RequestError(ValueError):
     """The request cannot be served as asked (INVALID_ARGUMENT)."""
 
 
+class ModelUnloaded(RuntimeError):
+    """The model was unloaded (a load of another one) before the job ended: retry it."""
+
+
 @dataclass
 class Job:
     """One generation request as the scheduler runs it; created on the request's thread."""
@@ -165,7 +169,7 @@ class Scheduler:
 
     def close(self) -> None:
         """End every job (with an error) and free the batch; the scheduler is unusable after."""
-        self.abort(RuntimeError("the model was unloaded"))
+        self.abort(ModelUnloaded("the model was unloaded while the request waited; retry"))
         if self._batch is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None

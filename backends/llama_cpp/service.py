@@ -32,7 +32,7 @@ from localp2p.llama import rpc
 from localp2p.llama.layers import assign_layers
 
 from . import structured
-from .batching import END, ERROR, PROMPT_CHUNK, Job, RequestError, Scheduler
+from .batching import END, ERROR, PROMPT_CHUNK, Job, ModelUnloaded, RequestError, Scheduler
 from .chat_prompt import ChatPrompt
 from .engine_thread import EngineThread
 from .model_params import LoadLog, extra_buffer_types, output_layer_on_host, parallel_sequences, progress_callback
@@ -474,7 +474,8 @@ class LlamaBackend(pb_grpc.BackendServicer):
                 if kind == END:
                     return
                 if kind == ERROR:
-                    _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {value}")
+                    code = grpc.StatusCode.FAILED_PRECONDITION if isinstance(value, ModelUnloaded) else grpc.StatusCode.INTERNAL
+                    _abort(context, code, f"generation failed: {value}")
                 yield value
         finally:
             job.cancelled.set()
