@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,6 +47,9 @@ def backend_error_body(exc: BackendError) -> dict[str, Any]:
 RETRY_AFTER = 5
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+#: pydantic error type of a refusal whose message is already complete (it names the field and
+#: says why): raised by the request bodies (localp2p.api.fields) and passed on unchanged.
+REFUSED = "refused"
 
 
 def _is_type_tag(part: object) -> bool:
@@ -55,18 +59,44 @@ def _is_type_tag(part: object) -> bool:
     return "[" in part or "-" in part or part in _TYPE_NAMES or part[:1].isupper()
 
 
+def param_path(loc: Sequence[object]) -> str | None:
+    """OpenAI's spelling of a location in the body: ``messages[0].content[1]``."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_type_tag(part):
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def _most_telling(errors: Sequence[Any]) -> Any:
+    """The error to report: of those about the first field named, a refusal (it says why),
+    else the deepest (a value that failed every member of a union has an error per
+    member; the one that got furthest is the one the client meant)."""
+    field = errors[0].get("loc", ())[:2]
+    same = [e for e in errors if e.get("loc", ())[:2] == field]
+    return max(same, key=lambda e: (e.get("type") == REFUSED, len(e.get("loc", ()))))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    first = _most_telling(errors)
+    kind = first.get("type")
+    if kind == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
-    param = ".".join(loc) or None
-    if first.get("type") == "missing":
+    param = param_path(first.get("loc", ()))
+    if kind == "missing":
         return f"missing required parameter: {param}", param
+    if kind == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param
     message = first.get("msg", "invalid value")
+    if kind == REFUSED:
+        return message, param
     return (f"invalid value for {param}: {message}" if param else message), param
 
 
