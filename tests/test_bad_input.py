@@ -86,8 +86,11 @@ def test_oversized_body(local_server: Server) -> None:
     _assert_openai_error(local_server.http.post("/v1/completions", content=body), 413)
 
 
-def test_unknown_fields_are_ignored(local_server: Server) -> None:
-    response = local_server.http.post(CHAT, json={"messages": MSG, "max_tokens": 4, "logit_bias": {}, "whatever": [1]})
+def test_unknown_fields_are_refused(local_server: Server) -> None:
+    """Issue 19: nothing is silently ignored; an empty logit_bias is a valid no-op."""
+    error = _assert_openai_error(local_server.http.post(CHAT, json={"messages": MSG, "max_tokens": 4, "whatever": [1]}), 400)
+    assert error["param"] == "whatever" and "unrecognized" in error["message"]
+    response = local_server.http.post(CHAT, json={"messages": MSG, "max_tokens": 4, "logit_bias": {}})
     assert response.status_code == 200, response.text
 
 

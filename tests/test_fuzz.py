@@ -156,7 +156,10 @@ def test_oversized_body_without_content_length(server: Server) -> None:
 def test_max_tokens_beyond_context_and_unknown_fields(server: Server) -> None:
     error = assert_openai_error(server.http.post(CHAT, json={"model": "tiny", "messages": MSG, "max_tokens": FUZZ_CONTEXT + 1}), 400)
     assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
-    ok = server.http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "frobnicate": {"deep": [1, 2, {"x": None}]}, "tools": []})
+    # Issue 19: an unknown field is refused, never dropped; an empty tools list is a valid no-op.
+    unknown = server.http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "frobnicate": {"deep": [1, 2, {"x": None}]}})
+    assert assert_openai_error(unknown, 400)["param"] == "frobnicate"
+    ok = server.http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tools": []})
     assert ok.status_code == 200, ok.text
 
 

@@ -1,91 +1,43 @@
-"""The OpenAI-compatible routes: models, chat completions, completions, embeddings."""
+"""The OpenAI-compatible routes: models, chat completions, completions, embeddings.
+
+Each route checks its body (localp2p.api.schemas), maps it into PredictOptions and
+shapes the generation (localp2p.api.generation) as OpenAI does, whole or streamed.
+The Responses API is in localp2p.api.responses.
+"""
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from localp2p._proto import backend_pb2 as pb
 from localp2p.api.errors import APIError, backend_error_body
-from localp2p.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
+from localp2p.api.generation import (
+    Whole,
+    finish_reason,
+    model_for,
+    record,
+    request_id,
+    run_whole,
+    sse,
+    stream_response,
+    supervisor,
+    tool_calls,
+)
+from localp2p.api.logprobs import LegacyLogprobs, chat_content
+from localp2p.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from localp2p.config import ModelConfig
-from localp2p.metrics import RequestRecord
-from localp2p.server import failover
 from localp2p.server.backend_client import BackendError
-from localp2p.server.supervisor import BackendSupervisor
 
 router = APIRouter(prefix="/v1")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _supervisor(request: Request) -> BackendSupervisor:
-    return request.app.state.supervisor
-
-
-def _request_id(request: Request) -> str:
-    return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
-
-
-def _record(request: Request) -> RequestRecord:
-    """This request's facts for metrics and recent requests (made by the RequestContext middleware)."""
-    record = getattr(request.state, "record", None)
-    return record if record is not None else RequestRecord(id=_request_id(request), endpoint="", started=time.monotonic())
-
-
-def _generation(request: Request, model: ModelConfig, options: pb.PredictOptions) -> AsyncGenerator[pb.Reply, None]:
-    """The replies of one generation, continued on a restarted backend if the backend dies
-    (bounded by ``--failover-timeout``; see localp2p.server.failover). Close it when done."""
-    timeout = getattr(request.app.state, "failover_timeout", failover.DEFAULT_FAILOVER_TIMEOUT)
-    return failover.generate(_supervisor(request), model.name, options, timeout)
-
-
-async def _whole_reply(request: Request, model: ModelConfig, options: pb.PredictOptions) -> pb.Reply:
-    """Run a generation to its end and return it as one Reply (for a response sent whole).
-
-    Streamed from the backend internally, so a failover keeps the tokens already made.
-    Raises BackendError like :func:`localp2p.server.failover.generate`.
-    """
-    parts: list[bytes] = []
-    final = pb.Reply()
-    async with contextlib.aclosing(_generation(request, model, options)) as generation:
-        async for reply in generation:
-            if reply.finish_reason:
-                final = reply
-            else:
-                parts.append(reply.message)
-    final.message = b"".join(parts)
-    return final
-
-
-def _model(request: Request, name: str | None) -> ModelConfig:
-    models = _supervisor(request).models
-    _record(request).describe(name or next(iter(models)))
-    if name is None or name == "":
-        return next(iter(models.values()))
-    if name not in models:
-        raise APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
-    return models[name]
-
-
-def _check_limits(body: _Sampling, model: ModelConfig) -> None:
-    limit = body.max_token_limit(model.sampling)
-    if limit > model.context_size:
-        raise APIError(
-            400,
-            f"max_tokens ({limit}) exceeds the context window of model '{model.name}' ({model.context_size} tokens)",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
+DONE = b"data: [DONE]\n\n"
 
 
 def _usage(reply: pb.Reply) -> dict[str, int]:
@@ -96,110 +48,88 @@ def _usage(reply: pb.Reply) -> dict[str, int]:
     }
 
 
-def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-async def _stream_response(
-    request: Request,
-    model: ModelConfig,
-    options: pb.PredictOptions,
-    chunk: Callable[[str | None, str | None], dict[str, Any]],
-    include_usage: bool,
-    first: dict[str, Any] | None = None,
-) -> StreamingResponse:
-    """Stream a generation as SSE.
-
-    The first reply is awaited before the response starts, so errors found before any
-    token (unknown model, backend down, prompt too long) get a real HTTP status. A
-    backend that dies mid-stream is failed over (the stream pauses, then goes on). Errors
-    after the first reply arrive as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
-    """
-    _record(request).stream = True
-
-    async def replies() -> AsyncGenerator[pb.Reply, None]:
-        async with contextlib.aclosing(_generation(request, model, options)) as generation:
-            async for reply in generation:
-                _record(request).observe(reply)
-                yield reply
-
-    source = replies()
-    try:
-        head = await source.__anext__()
-    except StopAsyncIteration:
-        head = None
-
-    async def events() -> AsyncIterator[bytes]:
-        final: pb.Reply | None = None
-        try:
-            if first is not None:
-                yield _sse(first)
-            pending = [head] if head is not None else []
-            while True:
-                if pending:
-                    reply = pending.pop()
-                else:
-                    try:
-                        reply = await source.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if reply.finish_reason:
-                    final = reply
-                else:
-                    yield _sse(chunk(reply.message.decode("utf-8", errors="replace"), None))
-            yield _sse(chunk(None, final.finish_reason if final else "stop"))
-            if include_usage and final is not None:
-                usage_chunk = chunk(None, None)
-                usage_chunk["choices"] = []
-                usage_chunk["usage"] = _usage(final)
-                yield _sse(usage_chunk)
-        except BackendError as exc:
-            yield _sse(backend_error_body(exc))
-        finally:
-            await source.aclose()
-        yield b"data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "localp2p"}
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "localp2p"}
-            for name in _supervisor(request).models
-        ],
-    }
+    return {"object": "list", "data": [_model_card(name) for name in supervisor(request).models]}
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    if model_id not in supervisor(request).models:
+        raise APIError(404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found")
+    return _model_card(model_id)
+
+
+# -- chat completions ---------------------------------------------------------------------------
+
+
+def prepare_chat(body: ChatCompletionRequest, request: Request) -> tuple[ModelConfig, pb.PredictOptions]:
+    """The model and backend options of a chat request, after every check (APIError: 400/404)."""
+    model = model_for(request, body.model)
+    body.check(model)
+    return model, body.options(model.sampling, request_id(request))
+
+
+class ChatStream:
+    """Chat completion chunks: a role chunk, content deltas (with their logprobs), the tool
+    calls as ``delta.tool_calls``, the finish chunk, the usage chunk, ``[DONE]``."""
+
+    def __init__(self, ident: str, created: int, model: str, body: ChatCompletionRequest) -> None:
+        self.ident, self.created, self.model = ident, created, model
+        self.logprobs = bool(body.logprobs)
+        self.include_usage = body.include_usage()
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {
+            "id": self.ident,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+
+    def opening(self) -> Iterable[bytes]:
+        yield sse(self.chunk({"role": "assistant", "content": ""}))
+
+    def piece(self, text: str, logprobs: Sequence[pb.TokenLogprob]) -> Iterable[bytes]:
+        yield sse(self.chunk({"content": text}, logprobs={"content": chat_content(logprobs)} if self.logprobs else None))
+
+    def closing(self, final: pb.Reply) -> Iterable[bytes]:
+        calls = tool_calls(final)
+        if calls:
+            yield sse(self.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}))
+        yield sse(self.chunk({}, finish_reason(final)))
+        if self.include_usage:
+            usage = self.chunk({})
+            usage["choices"], usage["usage"] = [], _usage(final)
+            yield sse(usage)
+        yield DONE
+
+    def failure(self, error: BackendError) -> Iterable[bytes]:
+        yield sse(backend_error_body(error))
+        yield DONE
+
+
+def chat_message(whole: Whole) -> dict[str, Any]:
+    """The assistant message of a chat completion: content is null when it only called tools."""
+    calls = tool_calls(whole.final)
+    message: dict[str, Any] = {"role": "assistant", "content": whole.text if whole.text or not calls else None, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    model = _model(request, body.model)
-    _check_limits(body, model)
-    options = body.options(model.sampling, _request_id(request))
-    options.Messages.extend(pb.ChatMessage(role=m.role, content=m.text(), name=m.name or "") for m in body.messages)
+    model, options = prepare_chat(body, request)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
     if body.stream:
-
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            delta = {"content": text} if text is not None else {}
-            return {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
-        first = chunk(None, None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream_response(request, model, options, chunk, include_usage, first)
-
-    reply = await _whole_reply(request, model, options)
-    _record(request).observe(reply)
+        return await stream_response(request, model, options, ChatStream(ident, created, model.name, body))
+    whole = await run_whole(request, model, options)
     return {
         "id": ident,
         "object": "chat.completion",
@@ -208,63 +138,84 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.message.decode("utf-8", errors="replace")},
-                "finish_reason": reply.finish_reason or "stop",
+                "message": chat_message(whole),
+                "logprobs": {"content": chat_content(whole.logprobs)} if body.logprobs else None,
+                "finish_reason": finish_reason(whole.final),
             }
         ],
-        "usage": _usage(reply),
+        "usage": _usage(whole.final),
     }
+
+
+# -- completions --------------------------------------------------------------------------------
+
+
+class CompletionStream:
+    """Completion chunks: text (with legacy logprobs), the finish chunk, the usage chunk, ``[DONE]``."""
+
+    def __init__(self, ident: str, created: int, model: str, body: CompletionRequest) -> None:
+        self.ident, self.created, self.model = ident, created, model
+        self.logprobs = LegacyLogprobs(body.prompt_text()) if body.logprobs is not None else None
+        self.include_usage = body.include_usage()
+
+    def chunk(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {
+            "id": self.ident,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+
+    def opening(self) -> Iterable[bytes]:
+        return ()
+
+    def piece(self, text: str, logprobs: Sequence[pb.TokenLogprob]) -> Iterable[bytes]:
+        yield sse(self.chunk(text, logprobs=self.logprobs.next(logprobs) if self.logprobs else None))
+
+    def closing(self, final: pb.Reply) -> Iterable[bytes]:
+        yield sse(self.chunk("", finish_reason(final)))
+        if self.include_usage:
+            usage = self.chunk("")
+            usage["choices"], usage["usage"] = [], _usage(final)
+            yield sse(usage)
+        yield DONE
+
+    def failure(self, error: BackendError) -> Iterable[bytes]:
+        yield sse(backend_error_body(error))
+        yield DONE
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    model = _model(request, body.model)
-    _check_limits(body, model)
-    options = body.options(model.sampling, _request_id(request))
-    options.Prompt = body.prompt_text()
-    options.Echo = body.echo
+    model = model_for(request, body.model)
+    body.check(model)
+    options = body.options(model.sampling, request_id(request))
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
     if body.stream:
-
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            return {
-                "id": ident,
-                "object": "text_completion",
-                "created": created,
-                "model": model.name,
-                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
-            }
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream_response(request, model, options, chunk, include_usage)
-
-    reply = await _whole_reply(request, model, options)
-    _record(request).observe(reply)
+        return await stream_response(request, model, options, CompletionStream(ident, created, model.name, body))
+    whole = await run_whole(request, model, options)
+    logprobs = LegacyLogprobs(body.prompt_text()).next(whole.logprobs) if body.logprobs is not None else None
     return {
         "id": ident,
         "object": "text_completion",
         "created": created,
         "model": model.name,
-        "choices": [
-            {
-                "index": 0,
-                "text": reply.message.decode("utf-8", errors="replace"),
-                "logprobs": None,
-                "finish_reason": reply.finish_reason or "stop",
-            }
-        ],
-        "usage": _usage(reply),
+        "choices": [{"index": 0, "text": whole.text, "logprobs": logprobs, "finish_reason": finish_reason(whole.final)}],
+        "usage": _usage(whole.final),
     }
+
+
+# -- embeddings ---------------------------------------------------------------------------------
 
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-    model = _model(request, body.model)
-    options = pb.PredictOptions(Inputs=body.inputs(), RequestId=_request_id(request))
-    async with _supervisor(request).session(model.name) as client:
+    model = model_for(request, body.model)
+    options = pb.PredictOptions(Inputs=body.inputs(), RequestId=request_id(request))
+    async with supervisor(request).session(model.name) as client:
         result = await client.embedding(options)
-    _record(request).observe(result)
+    record(request).observe(result)
 
     def encode(vector: Any) -> Any:
         if body.encoding_format == "base64":

@@ -114,8 +114,8 @@ async def generate(
                         cut = min(skip, len(reply.message))
                         skip -= cut
                         reply.message = reply.message[cut:]
-                    if not reply.message and not reply.finish_reason:
-                        continue
+                    if not reply.message and not reply.finish_reason and not reply.logprobs:
+                        continue  # ids only (text held back): nothing for the client yet
                     if failed_at is not None:
                         log.info(
                             "generation continued after failover",
