@@ -17,6 +17,8 @@ from localp2p import __version__
 from localp2p.api.api_keys import RequireAPIKey
 from localp2p.api.errors import error_body, error_response, install_error_handlers
 from localp2p.api.page import router as page_router
+from localp2p.api.response_store import ResponseStore
+from localp2p.api.responses import router as responses_router
 from localp2p.api.v1 import router as v1_router
 from localp2p.logs import get_logger
 from localp2p.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -190,8 +192,10 @@ def create_app(
         setattr(app.state, key, value)
     metrics = Metrics(app.state)
     app.state.metrics = metrics
+    app.state.responses = ResponseStore()
     install_error_handlers(app)
     app.include_router(v1_router)
+    app.include_router(responses_router)
     app.include_router(page_router)
 
     @app.get("/healthz")
