@@ -157,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="/metrics needs an API key too (env PROTECT_METRICS=true)",
     )
     run.add_argument(
+        "--cors",
+        action="store_true",
+        default=_env("CORS") in ("1", "true"),
+        help="answer browsers on other origins (CORS headers, preflights; env CORS=true)",
+    )
+    run.add_argument(
+        "--cors-allow-origins",
+        default=_env("CORS_ALLOW_ORIGINS"),
+        metavar="ORIGINS",
+        help="with --cors: the origins allowed, comma-separated (env CORS_ALLOW_ORIGINS; default *: any)",
+    )
+    run.add_argument(
         "--shutdown-grace",
         type=_seconds,
         default=_env("SHUTDOWN_GRACE"),
@@ -362,7 +374,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.protect_metrics and not settings.api_keys:
         raise CLIError("--protect-metrics needs an API key (--api-key or API_KEY)")
     settings.protect_metrics = args.protect_metrics
+    settings.cors_origins = _cors_origins(args.cors, args.cors_allow_origins)
     return _run_service(serve, settings, graceful_limit=settings.shutdown_limit)
+
+
+def _cors_origins(enabled: bool, allowed: str | None) -> tuple[str, ...]:
+    """The origins CORS allows: none when off; ``allowed`` (comma-separated) or any ("*") when on."""
+    if not enabled:
+        if allowed:
+            raise CLIError("--cors-allow-origins needs --cors (or CORS=true)")
+        return ()
+    origins = tuple(o.strip() for o in (allowed or "*").split(",") if o.strip())
+    return origins or ("*",)
 
 
 def _announce_new_token() -> str:

@@ -4,7 +4,9 @@ A key comes as ``Authorization: Bearer KEY`` (what OpenAI clients send) or
 ``x-api-key: KEY``. ``/healthz``, ``/readyz``, the web page and its static files stay
 open (probes and the page's own login form need them); ``/metrics`` stays open unless
 ``protect_metrics``. A refusal is HTTP 401 in OpenAI's error shape with
-``WWW-Authenticate: Bearer``.
+``WWW-Authenticate: Bearer``. A CORS preflight (``OPTIONS`` with ``Origin`` and
+``Access-Control-Request-Method``) carries no key by design and is never refused here:
+the CORS middleware answers it, or, with CORS off, the router (405).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ PROTECTED_PREFIXES = ("/v1/", "/api/")
 #: Also protected (exact paths): the prefixes without their trailing slash.
 PROTECTED_EXACT = ("/v1", "/api")
 METRICS_PATH = "/metrics"
+
+
+def _is_preflight(scope: Scope) -> bool:
+    if scope.get("method") != "OPTIONS":
+        return False
+    names = {name.lower() for name, _ in scope.get("headers", [])}
+    return b"origin" in names and b"access-control-request-method" in names
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -64,7 +73,7 @@ class RequireAPIKey:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not self.protects(scope.get("path", "")):
+        if scope["type"] != "http" or not self.keys or not self.protects(scope.get("path", "")) or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         presented = _presented_key(scope)

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI, HTTPException
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,8 @@ QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/api/status", "/api/p2p", "/"
 PROBE_PATHS = ("/healthz", "/readyz")
 #: Status recorded for a request whose response never completed (the client went away).
 CLIENT_CLOSED = 499
+#: Seconds a browser may cache a CORS preflight answer.
+CORS_MAX_AGE = 600
 
 
 class RequestContext:
@@ -180,11 +183,15 @@ def create_app(
     *,
     api_keys: Sequence[str] = (),
     protect_metrics: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the app around a running supervisor (the app only reads its state).
 
     With ``api_keys``, ``/v1/*`` and ``/api/*`` (and ``/metrics`` with
     ``protect_metrics``) need one of them (see :mod:`localp2p.api.api_keys`).
+    With ``cors_origins`` (``"*"`` for any), browsers on those origins may call the API:
+    preflights are answered before the key check, and every answer (errors too) carries
+    the ``Access-Control-*`` headers. Empty (the default): no CORS headers at all.
     """
     app = FastAPI(title="localp2p", version=__version__, docs_url=None, redoc_url=None)
     app.state.supervisor = supervisor
@@ -260,5 +267,14 @@ def create_app(
         )
 
     app.add_middleware(RequireAPIKey, keys=tuple(api_keys), protect_metrics=protect_metrics)
+    if cors_origins:  # outside the key check: a preflight carries no key, and a 401 needs the headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],  # Authorization, x-api-key, the openai SDK's x-stainless-* headers
+            expose_headers=["x-request-id"],
+            max_age=CORS_MAX_AGE,
+        )
     app.add_middleware(RequestContext, metrics=metrics, routes=app.router.routes)  # outermost: sees every answer
     return app

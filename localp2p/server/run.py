@@ -49,6 +49,7 @@ class ServerSettings:
     shutdown_grace: float = SHUTDOWN_GRACE
     api_keys: tuple[str, ...] = ()  # any set: /v1/* and /api/* need one (localp2p.api.api_keys)
     protect_metrics: bool = False  # /metrics needs a key too
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call the API from ("*": any); empty: CORS off
     failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT  # seconds to continue a generation after a backend failure; 0: off
     cpu_mode: CpuMode = CpuMode.DEFAULT  # llama.cpp's CPU fast paths (localp2p.cpumode); safe after a native crash
 
@@ -104,6 +105,7 @@ async def serve(
         {"workers": workers, "network": None, "failover_timeout": settings.failover_timeout},
         api_keys=settings.api_keys,
         protect_metrics=settings.protect_metrics,
+        cors_origins=settings.cors_origins,
     )
     try:
         host, port = parse_endpoint(settings.address)
