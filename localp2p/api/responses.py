@@ -25,7 +25,7 @@ from localp2p.api.fields import Strict, Unsupported, refused, type_tag
 from localp2p.api.generation import Whole, model_for, run_whole, sse, stream_response
 from localp2p.api.response_store import ResponseStore
 from localp2p.api.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, Metadata
-from localp2p.api.structured import JSONObjectFormat, Name, TextFormat
+from localp2p.api.structured import JSONObjectFormat, JSONSchemaSpec, TextFormat
 from localp2p.api.v1 import prepare_chat
 from localp2p.server.backend_client import BackendError
 
@@ -109,13 +109,10 @@ def _messages_only(value: Any) -> Any:
     return value
 
 
-class JSONSchemaTextFormat(Strict):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class JSONSchemaTextFormat(JSONSchemaSpec):
+    """The Responses API's json_schema format: chat's ``json_schema`` object, flattened."""
+
     type: Literal["json_schema"]
-    name: Name
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
 
 
 TextFormatConfig = Annotated[

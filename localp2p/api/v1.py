@@ -74,23 +74,42 @@ def prepare_chat(body: ChatCompletionRequest, request: Request) -> tuple[ModelCo
     return model, body.options(model.sampling, request_id(request))
 
 
-class ChatStream:
+class _Chunks:
+    """What chat and completion streams share: the chunk envelope, the finish and usage
+    chunks, ``[DONE]``, and a failure as one ``data: {"error": ...}`` event."""
+
+    kind = ""  # the chunks' "object"
+
+    def __init__(self, ident: str, created: int, model: str, include_usage: bool) -> None:
+        self.ident, self.created, self.model, self.include_usage = ident, created, model, include_usage
+
+    def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.ident, "object": self.kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def ending(self, last: dict[str, Any], final: pb.Reply) -> Iterable[bytes]:
+        """The chunk with the finish reason, the usage chunk (if asked for), ``[DONE]``."""
+        yield sse(last)
+        if self.include_usage:
+            yield sse({**self.envelope([]), "usage": _usage(final)})
+        yield DONE
+
+    def failure(self, error: BackendError) -> Iterable[bytes]:
+        yield sse(backend_error_body(error))
+        yield DONE
+
+
+class ChatStream(_Chunks):
     """Chat completion chunks: a role chunk, content deltas (with their logprobs), the tool
     calls as ``delta.tool_calls``, the finish chunk, the usage chunk, ``[DONE]``."""
 
+    kind = "chat.completion.chunk"
+
     def __init__(self, ident: str, created: int, model: str, body: ChatCompletionRequest) -> None:
-        self.ident, self.created, self.model = ident, created, model
+        super().__init__(ident, created, model, body.include_usage())
         self.logprobs = bool(body.logprobs)
-        self.include_usage = body.include_usage()
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        return {
-            "id": self.ident,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        }
+        return self.envelope([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
     def opening(self) -> Iterable[bytes]:
         yield sse(self.chunk({"role": "assistant", "content": ""}))
@@ -102,16 +121,7 @@ class ChatStream:
         calls = tool_calls(final)
         if calls:
             yield sse(self.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}))
-        yield sse(self.chunk({}, finish_reason(final)))
-        if self.include_usage:
-            usage = self.chunk({})
-            usage["choices"], usage["usage"] = [], _usage(final)
-            yield sse(usage)
-        yield DONE
-
-    def failure(self, error: BackendError) -> Iterable[bytes]:
-        yield sse(backend_error_body(error))
-        yield DONE
+        yield from self.ending(self.chunk({}, finish_reason(final)), final)
 
 
 def chat_message(whole: Whole) -> dict[str, Any]:
@@ -150,22 +160,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 # -- completions --------------------------------------------------------------------------------
 
 
-class CompletionStream:
+class CompletionStream(_Chunks):
     """Completion chunks: text (with legacy logprobs), the finish chunk, the usage chunk, ``[DONE]``."""
 
+    kind = "text_completion"
+
     def __init__(self, ident: str, created: int, model: str, body: CompletionRequest) -> None:
-        self.ident, self.created, self.model = ident, created, model
+        super().__init__(ident, created, model, body.include_usage())
         self.logprobs = LegacyLogprobs(body.prompt_text()) if body.logprobs is not None else None
-        self.include_usage = body.include_usage()
 
     def chunk(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        return {
-            "id": self.ident,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
+        return self.envelope([{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}])
 
     def opening(self) -> Iterable[bytes]:
         return ()
@@ -174,16 +179,7 @@ class CompletionStream:
         yield sse(self.chunk(text, logprobs=self.logprobs.next(logprobs) if self.logprobs else None))
 
     def closing(self, final: pb.Reply) -> Iterable[bytes]:
-        yield sse(self.chunk("", finish_reason(final)))
-        if self.include_usage:
-            usage = self.chunk("")
-            usage["choices"], usage["usage"] = [], _usage(final)
-            yield sse(usage)
-        yield DONE
-
-    def failure(self, error: BackendError) -> Iterable[bytes]:
-        yield sse(backend_error_body(error))
-        yield DONE
+        yield from self.ending(self.chunk("", finish_reason(final)), final)
 
 
 @router.post("/completions")
