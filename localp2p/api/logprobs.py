@@ -1,5 +1,5 @@
-"""Token log-probabilities (Reply.logprobs) in OpenAI's shapes: chat's ``logprobs.content``,
-the Responses API's ``output_text.logprobs`` and the legacy completions object.
+"""Token log-probabilities (Reply.logprobs) in OpenAI's shapes: chat's ``logprobs.content``
+and the legacy completions object.
 
 A token is a piece of bytes that may end inside a UTF-8 character: its ``token`` text
 replaces such bytes (U+FFFD) and ``bytes`` has them exactly, as OpenAI does.

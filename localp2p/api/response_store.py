@@ -12,7 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-#: Responses kept at most: a few hundred conversations' text is a few MB at worst.
+#: Responses kept at most: each holds at most one context window of text (a longer conversation
+#: was refused before it ran), so a few hundred stay small next to the model.
 MAX_STORED_RESPONSES = 256
 #: Seconds a response is kept: long enough for an interactive conversation's next turn.
 STORED_RESPONSE_SECONDS = 3600.0

@@ -23,6 +23,7 @@ from localp2p._proto import backend_pb2 as pb
 from localp2p.api.errors import REFUSED, APIError
 from localp2p.api.fields import Strict, Unsupported, refused, type_tag
 from localp2p.api.generation import Whole, model_for, run_whole, sse, stream_response
+from localp2p.api.messages import RefusalPart
 from localp2p.api.response_store import ResponseStore
 from localp2p.api.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, Metadata
 from localp2p.api.structured import JSONObjectFormat, JSONSchemaSpec, TextFormat
@@ -54,11 +55,6 @@ class OutputText(Strict):
     logprobs: list[Any] | None = None
 
 
-class RefusalContent(Strict):
-    type: Literal["refusal"]
-    refusal: str
-
-
 class MediaInput(BaseModel):
     """An image, file or audio input: parsed only to be refused by name (see :meth:`ResponsesRequest.check`)."""
 
@@ -67,12 +63,12 @@ class MediaInput(BaseModel):
 
 
 #: Input content type -> the class that parses it.
-INPUT_TAGS = {"input_text": "InputText", "output_text": "OutputText", "refusal": "RefusalContent"}
+INPUT_TAGS = {"input_text": "InputText", "output_text": "OutputText", "refusal": "RefusalPart"}
 INPUT_TAGS |= dict.fromkeys(MEDIA_INPUTS, "MediaInput")
 InputContent = Annotated[
     Annotated[InputText, Tag("InputText")]
     | Annotated[OutputText, Tag("OutputText")]
-    | Annotated[RefusalContent, Tag("RefusalContent")]
+    | Annotated[RefusalPart, Tag("RefusalPart")]
     | Annotated[MediaInput, Tag("MediaInput")],
     Discriminator(
         type_tag(INPUT_TAGS),
@@ -94,7 +90,7 @@ class InputMessage(Strict):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.refusal if isinstance(p, RefusalContent) else p.text for p in self.content if not isinstance(p, MediaInput))
+        return "".join(p.refusal if isinstance(p, RefusalPart) else p.text for p in self.content if not isinstance(p, MediaInput))
 
 
 def _messages_only(value: Any) -> Any:
