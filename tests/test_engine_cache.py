@@ -14,9 +14,9 @@ here; aligned whole-chunk reuse does not.
 
 from __future__ import annotations
 
-import pathlib
 import random
 from collections.abc import Iterator
+
 import pytest
 
 from backends.llama_cpp.batching import END, PROMPT_CHUNK, Job, Scheduler

@@ -66,7 +66,7 @@ def _check_cache_keeps_answers(server: Server) -> None:
     assert cached[4] < 128, cached  # nothing but the template's first tokens in common with the unrelated request
 
     # A chat that grows turn by turn reuses the history it resends.
-    history = _system(QUESTION) + [{"role": "assistant", "content": cold}, {"role": "user", "content": "And on Tuesdays?"}]
+    history = [*_system(QUESTION), {"role": "assistant", "content": cold}, {"role": "user", "content": "And on Tuesdays?"}]
     _ask(server, [{"role": "user", "content": UNRELATED}])
     second_turn_cold = _ask(server, history)
     _ask(server, _system(QUESTION))

@@ -312,7 +312,7 @@ class Scheduler:
             replay = False
             if job.first_at is None:
                 job.first_at = time.monotonic()
-            if job.logprobs:
+            if job.logprobs and token not in job.ends:  # OpenAI lists none for the end of generation
                 chosen, top = logprobs_at(self._ctx, index, self.n_vocab, token, job.top_logprobs)
                 job._logprobs.append(
                     pb.TokenLogprob(
