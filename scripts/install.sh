@@ -77,11 +77,13 @@ else
 fi
 
 # Debian packages the dev tests drive: chromium (the nodes page, driven by Playwright, which
-# cannot download a browser here) and systemd (systemd-analyze checks the example unit).
+# cannot download a browser here), systemd (systemd-analyze checks the example unit) and
+# nftables (the NAT routers of the relay and hole-punching tests).
 # Installed with the dev extras, when we may use apt.
 debs=()
 [ -x /usr/bin/chromium ] || debs+=(chromium)
 command -v systemd-analyze >/dev/null || debs+=(systemd)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || debs+=(nftables)
 if [[ ",$EXTRAS," == *",dev,"* ]] && [ ${#debs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         say "installing ${debs[*]} (Debian packages) for the tests that drive them"

@@ -8,102 +8,38 @@ forwarder thread that connects from inside the server's namespace.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import pathlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from localp2p.testing.cluster import Proc, Server, new_token, p2p_state, p2p_worker, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import (
+    Proc,
+    Server,
+    netns_prefix,
+    netns_server,
+    new_token,
+    p2p_state,
+    p2p_worker,
+    wait_for_workers,
+    worker_peer_id,
+)
 from localp2p.testing.netns import Topology, netns_unavailable_reason, topology
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"network namespaces: {netns_unavailable_reason()}")
 
-_CLONE_NEWNET = 0x40000000
 CHAT = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}], "temperature": 0, "max_tokens": 48}
-
-
-class NamespaceForward:
-    """127.0.0.1:<port> in the root namespace → ``target`` as seen from inside ``ns``.
-
-    setns(2) moves only the calling thread, so one thread enters the namespace and
-    makes every upstream connection from there; the listener stays in ours.
-    """
-
-    def __init__(self, ns: str, target: tuple[str, int]) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen()
-        self.port = self.listener.getsockname()[1]
-        self.ns, self.target = ns, target
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(f"/var/run/netns/{self.ns}") as handle:
-            if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns failed")
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _netns_prefix(topo: Topology, i: int) -> list[str]:
-    return ["ip", "netns", "exec", topo.hosts[i].ns]
 
 
 @contextlib.contextmanager
 def _server(topo: Topology, log_dir: pathlib.Path, token: str, *flags: str) -> Iterator[Server]:
-    from localp2p.testing.cluster import free_port
-
-    port = free_port()
-    host = topo.hosts[0].ip
-    proc = Proc(
-        ["run", "--p2p", "--address", f"{host}:{port}", "--threads", "2", "--state-dir", str(log_dir / "state-server"), *flags],
-        log_dir,
-        "ns-server",
-        {"P2P_TOKEN": token, "LLAMACPP_GRPC_SERVERS": ""},
-        prefix=_netns_prefix(topo, 0),
-    )
-    forward = NamespaceForward(topo.hosts[0].ns, (host, port))
-    server = Server(proc, f"http://127.0.0.1:{forward.port}")
-    try:
-        server.wait_ready()
+    with netns_server(topo, 0, log_dir, token, *flags) as server:
         yield server
-    finally:
-        server.close()
-        forward.close()
 
 
 def _worker(topo: Topology, i: int, log_dir: pathlib.Path, token: str, *flags: str) -> Proc:
-    return p2p_worker(log_dir, token, f"ns-w{i}", *flags, prefix=_netns_prefix(topo, i))
+    return p2p_worker(log_dir, token, f"ns-w{i}", *flags, prefix=netns_prefix(topo, i))
 
 
 def _answer(server: Server) -> str:

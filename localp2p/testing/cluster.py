@@ -457,6 +457,35 @@ def p2p_worker(
     return proc
 
 
+def netns_prefix(topo: Any, i: int) -> list[str]:
+    """The command prefix that runs something in host ``i`` of a :mod:`localp2p.testing.netns` topology."""
+    return ["ip", "netns", "exec", topo.hosts[i].ns]
+
+
+@contextlib.contextmanager
+def netns_server(topo: Any, i: int, log_dir: pathlib.Path, token: str, *flags: str) -> Iterator[Server]:
+    """`localp2p run --p2p` in host ``i`` of a netns topology, its API reached through a forwarder."""
+    from localp2p.testing.netns import NamespaceForward  # noqa: PLC0415 - netns needs root; most tests never import it
+
+    port = free_port()
+    host = topo.hosts[i].ip
+    proc = Proc(
+        ["run", "--p2p", "--address", f"{host}:{port}", "--threads", "2", "--state-dir", str(log_dir / "state-server"), *flags],
+        log_dir,
+        "ns-server",
+        {"P2P_TOKEN": token, "LLAMACPP_GRPC_SERVERS": ""},
+        prefix=netns_prefix(topo, i),
+    )
+    forward = NamespaceForward(topo.hosts[i].ns, (host, port))
+    server = Server(proc, f"http://127.0.0.1:{forward.port}")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+        forward.close()
+
+
 def worker_peer_id(worker: Proc) -> str:
     line = next(line for line in worker.stdout if line.startswith("localp2p worker ready"))
     return line.split("peer=", 1)[1].split()[0]

@@ -23,6 +23,17 @@ Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2. When that is not
 available, :func:`topology` calls ``pytest.skip`` with the reason (see
 :func:`netns_unavailable_reason`).
 
+:func:`nat_topology` builds the internet-and-two-homes case instead: a bridge for the
+"internet" (``100.64.<k>.0/24``, carrier-grade NAT space: py-libp2p counts RFC 1918
+addresses as private, and these must look public), public hosts on it, and LANs
+behind router namespaces that masquerade with nftables and drop new inbound
+connections, as a home router does (:data:`NAT_RULES`)::
+
+    netns ...-br:   br0 (the internet)  ── public hosts 100.64.<k>.1, .2 ...
+                        ├── router 0 wan0 100.64.<k>.200 ── nft masquerade ── lan0 10.231.<a>.254
+                        │                                     netns ...-l0: br0 ── hosts 10.231.<a>.1 ...
+                        └── router 1 wan0 100.64.<k>.201 ── ... 10.231.<b>.254 ...
+
 Usage::
 
     with topology(2) as topo:
@@ -34,13 +45,16 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +69,24 @@ NS_PREFIX = "lp2p-"
 TERM_GRACE = 3.0
 #: Seconds any single ``ip`` command may take.
 IP_TIMEOUT = 15.0
+#: The simulated internet of :func:`nat_topology` (100.64.0.0/10, shared address space).
+INTERNET_PREFIX = "100.64"
+#: A home router: masquerade what leaves by wan0 (``{random}`` is ``random`` for a NAT
+#: that picks a random source port instead of keeping the host's), drop new
+#: connections that come in by wan0 (to the router or through it).
+NAT_RULES = """
+table ip nat {{
+  chain postrouting {{ type nat hook postrouting priority 100; oifname "wan0" masquerade {random}; }}
+}}
+table ip filter {{
+  chain input {{ type filter hook input priority 0; iifname "wan0" ct state new drop; }}
+  chain forward {{ type filter hook forward priority 0; iifname "wan0" ct state new drop; }}
+}}
+"""
+
+
+#: setns(2) flag for a network namespace.
+_CLONE_NEWNET = 0x40000000
 
 
 class NetnsUnavailable(RuntimeError):
@@ -103,6 +135,17 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def nat_unavailable_reason() -> str | None:
+    """``None`` if :func:`nat_topology` can be built here (namespaces and nftables), else why not."""
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        return reason
+    if shutil.which("nft") is None and not os.path.exists("/usr/sbin/nft"):
+        return "nftables ('nft') is not installed (scripts/install.sh installs it with the dev extras)"
+    return None
+
+
 def require_netns() -> None:
     """``pytest.skip`` (with the reason) unless namespaces are usable."""
     reason = netns_unavailable_reason()
@@ -135,6 +178,10 @@ class Topology:
     subnet: str
     bridge_ns: str
     hosts: list[NetHost] = field(default_factory=list)
+    #: Namespaces besides the hosts' and the bridge's (routers, LAN bridges), deleted at close.
+    extra_ns: list[str] = field(default_factory=list)
+    #: :func:`nat_topology`: each router's WAN side (its ``ip`` is its public address).
+    routers: list[NetHost] = field(default_factory=list)
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def run(self, i: int, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
@@ -188,7 +235,7 @@ class Topology:
         """
         with contextlib.suppress(Exception):
             self.stop_processes()
-        for ns in [h.ns for h in self.hosts] + [self.bridge_ns]:
+        for ns in [h.ns for h in self.hosts] + self.extra_ns + [self.bridge_ns]:
             _delete_ns(ns)
 
 
@@ -208,36 +255,41 @@ def _delete_ns(ns: str) -> None:
     _ip("netns", "del", ns, check=False)
 
 
-def _setup(topo: Topology, n: int) -> None:
-    br = topo.bridge_ns
-    _ip("netns", "add", br)
-    _ip("-n", br, "link", "set", "lo", "up")
+def _add_bridge(ns: str) -> None:
+    """Namespace ``ns`` with bridge br0 up in it."""
+    _ip("netns", "add", ns)
+    _ip("-n", ns, "link", "set", "lo", "up")
     # mcast_snooping 0: forward all multicast to all ports (mDNS needs it; with
     # snooping on, the bridge may drop 224.0.0.251 until it saw IGMP joins).
-    _ip("-n", br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0", "stp_state", "0")
-    _ip("-n", br, "link", "set", "br0", "multicast", "on", "up")
-    for i in range(n):
-        host = NetHost(
-            index=i,
-            ns=f"{NS_PREFIX}{topo.tag}-{i}",
-            ip=f"{topo.subnet}.{i + 1}",
-            bridge_port=f"v{i}",
-        )
-        topo.hosts.append(host)
+    _ip("-n", ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0", "stp_state", "0")
+    _ip("-n", ns, "link", "set", "br0", "multicast", "on", "up")
+
+
+def _add_host(host: NetHost, bridge_ns: str, *, new_ns: bool = True) -> None:
+    """Create ``host.ns`` (unless it exists) and plug its ``host.ifname`` into ``bridge_ns``'s br0."""
+    if new_ns:
         _ip("netns", "add", host.ns)
-        for key in ("all", "default"):
-            topo.exec(i, ["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"], check=False)
+        _ip("netns", "exec", host.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", check=False)
+        _ip("netns", "exec", host.ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1", check=False)
         _ip("-n", host.ns, "link", "set", "lo", "up")
-        # Create the pair directly in the two namespaces: no name ever
-        # appears in the root namespace, so nothing can clash there.
-        _ip(
-            "link", "add", host.ifname, "netns", host.ns, "type", "veth",
-            "peer", "name", host.bridge_port, "netns", br,
-        )  # fmt: skip
-        _ip("-n", br, "link", "set", host.bridge_port, "master", "br0")
-        _ip("-n", br, "link", "set", host.bridge_port, "multicast", "on", "up")
-        _ip("-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
-        _ip("-n", host.ns, "link", "set", host.ifname, "multicast", "on", "up")
+    # Create the pair directly in the two namespaces: no name ever
+    # appears in the root namespace, so nothing can clash there.
+    _ip(
+        "link", "add", host.ifname, "netns", host.ns, "type", "veth",
+        "peer", "name", host.bridge_port, "netns", bridge_ns,
+    )  # fmt: skip
+    _ip("-n", bridge_ns, "link", "set", host.bridge_port, "master", "br0")
+    _ip("-n", bridge_ns, "link", "set", host.bridge_port, "multicast", "on", "up")
+    _ip("-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
+    _ip("-n", host.ns, "link", "set", host.ifname, "multicast", "on", "up")
+
+
+def _setup(topo: Topology, n: int) -> None:
+    _add_bridge(topo.bridge_ns)
+    for i in range(n):
+        host = NetHost(index=i, ns=f"{NS_PREFIX}{topo.tag}-{i}", ip=f"{topo.subnet}.{i + 1}", bridge_port=f"v{i}")
+        topo.hosts.append(host)
+        _add_host(host, topo.bridge_ns)
 
 
 @contextlib.contextmanager
@@ -270,3 +322,121 @@ def _wait_links_up(topo: Topology, timeout: float = 5.0) -> None:
             if "LOWER_UP" in out or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def nat_topology(public: int, lans: Sequence[int], *, random_ports: bool = False) -> Iterator[Topology]:
+    """The internet with ``public`` hosts on it, and one NAT'ed LAN per entry of ``lans``
+    (that many hosts each, behind their own router); torn down on exit.
+
+    Hosts are numbered public ones first, then each LAN's in order (``topo.run(i, ...)``);
+    ``topo.routers[j]`` is LAN ``j``'s router (its public address is its ``ip``).
+    ``random_ports``: the routers pick random source ports (``masquerade random``), which
+    TCP hole punching cannot get through; else they keep the host's port when free (as
+    Linux does by default).
+
+    :raises pytest.skip.Exception: when namespaces or nftables are unavailable here.
+    """
+    reason = nat_unavailable_reason()
+    if reason is not None:
+        import pytest  # noqa: PLC0415 - only tests call this
+
+        pytest.skip(reason)
+    tag = secrets.token_hex(4)
+    k = random.randint(1, 254)
+    topo = Topology(tag=tag, subnet=f"{INTERNET_PREFIX}.{k}", bridge_ns=f"{NS_PREFIX}{tag}-br")
+    try:
+        _add_bridge(topo.bridge_ns)
+        for i in range(public):
+            host = NetHost(index=i, ns=f"{NS_PREFIX}{tag}-{i}", ip=f"{topo.subnet}.{i + 1}", bridge_port=f"v{i}")
+            topo.hosts.append(host)
+            _add_host(host, topo.bridge_ns)
+        lan_octets = random.sample(range(1, 255), len(lans))
+        for j, count in enumerate(lans):
+            router = _add_router(topo, j, lan_octets[j], random_ports)
+            for h in range(count):
+                index = len(topo.hosts)
+                host = NetHost(
+                    index=index, ns=f"{NS_PREFIX}{tag}-{index}", ip=f"{SUBNET_PREFIX}.{lan_octets[j]}.{h + 1}", bridge_port=f"v{h}"
+                )
+                topo.hosts.append(host)
+                _add_host(host, f"{NS_PREFIX}{tag}-l{j}")
+                _ip("-n", host.ns, "route", "add", "default", "via", router)
+        _wait_links_up(topo)
+        yield topo
+    finally:
+        topo.close()
+
+
+def _add_router(topo: Topology, j: int, lan_octet: int, random_ports: bool) -> str:
+    """LAN ``j``: its bridge and its router (wan0 on the internet, lan0 on the LAN, nftables NAT).
+
+    Returns the router's LAN address (the LAN hosts' default gateway).
+    """
+    lan_bridge = f"{NS_PREFIX}{topo.tag}-l{j}"
+    topo.extra_ns.append(lan_bridge)
+    _add_bridge(lan_bridge)
+    wan = NetHost(index=j, ns=f"{NS_PREFIX}{topo.tag}-r{j}", ip=f"{topo.subnet}.{200 + j}", ifname="wan0", bridge_port=f"r{j}")
+    topo.extra_ns.append(wan.ns)
+    topo.routers.append(wan)
+    _add_host(wan, topo.bridge_ns)
+    gateway = f"{SUBNET_PREFIX}.{lan_octet}.254"
+    lan = NetHost(index=j, ns=wan.ns, ip=gateway, ifname="lan0", bridge_port="router")
+    _add_host(lan, lan_bridge, new_ns=False)
+    _ip("netns", "exec", wan.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    rules = NAT_RULES.format(random="random" if random_ports else "")
+    nft = subprocess.run(
+        ["ip", "netns", "exec", wan.ns, "nft", "-f", "-"], input=rules, capture_output=True, text=True, timeout=IP_TIMEOUT, check=False
+    )
+    if nft.returncode != 0:
+        raise RuntimeError(f"nft failed in {wan.ns}: {nft.stderr.strip()}")
+    return gateway
+
+
+class NamespaceForward:
+    """127.0.0.1:<port> in the root namespace → ``target`` as seen from inside ``ns``.
+
+    setns(2) moves only the calling thread, so one thread enters the namespace and
+    makes every upstream connection from there; the listener stays in ours.
+    """
+
+    def __init__(self, ns: str, target: tuple[str, int]) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.ns, self.target = ns, target
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/var/run/netns/{self.ns}") as handle:
+            if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
