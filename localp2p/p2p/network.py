@@ -3,7 +3,9 @@
 Both roles start the same stack (:func:`run_network`); what they do with it differs
 (the server attaches workers, a worker serves tunnels). Discovery candidates from
 mDNS and the DHT arrive on one channel; every peer found by mDNS is also added to
-the DHT, so a LAN neighbour can be a DHT entry point.
+the DHT, so a LAN neighbour can be a DHT entry point. :class:`~localp2p.p2p.links.Links`
+finds relays among the peers this node is connected to and keeps this node reachable
+through them when it is behind a NAT (``P2PSettings.relay`` makes it a relay too).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from localp2p.logs import get_logger, quiet_libp2p_logging
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.discovery import Candidate, NodeDHT, add_dht_peer, run_dht, run_dht_discovery, run_mdns
 from localp2p.p2p.identity import IdentityClaim, claim_identity
+from localp2p.p2p.links import Links
 from localp2p.p2p.node import P2PNode, serve_node
+from localp2p.p2p.relay import RelayLimits
 from localp2p.p2p.token import NetworkToken
 
 log = get_logger("p2p")
@@ -52,6 +56,8 @@ class P2PSettings:
     mdns: bool = True
     dht: bool = True
     name: str = field(default_factory=socket.gethostname)
+    #: Relay for token holders with these limits (``--p2p-relay``); None: no relay service.
+    relay: RelayLimits | None = None
 
 
 @dataclass
@@ -63,6 +69,7 @@ class Network:
     dht: NodeDHT | None
     candidates: trio.MemoryReceiveChannel[Candidate]
     settings: P2PSettings
+    links: Links
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -71,6 +78,7 @@ class Network:
             "network_id": self.settings.token.network_id,
             "mdns": self.settings.mdns,
             "dht": self.settings.dht,
+            **self.links.describe(),
         }
 
 
@@ -159,6 +167,8 @@ async def _run_network(
         gate.install(node)
         if install_handlers is not None:
             install_handlers(node, gate)
+        links = Links(node, gate, settings.relay)
+        await nursery.start(links.run)
         dht: NodeDHT | None = None
         if settings.dht:
             dht = await nursery.start(run_dht, node)
@@ -195,8 +205,9 @@ async def _run_network(
             addrs=[str(a) for a in node.p2p_addrs()],
             mdns=settings.mdns,
             dht=settings.dht,
+            relay=settings.relay is not None,
         )
-        task_status.started(Network(node=node, gate=gate, dht=dht, candidates=receive, settings=settings))
+        task_status.started(Network(node=node, gate=gate, dht=dht, candidates=receive, settings=settings, links=links))
 
 
 async def _forward_mdns(
@@ -210,3 +221,9 @@ async def _forward_mdns(
             if dht is not None and not candidate.gone:
                 await add_dht_peer(dht, candidate)
             await send.send(candidate)
+
+
+async def discard_candidates(candidates: trio.MemoryReceiveChannel[Candidate]) -> None:
+    """For nodes that wait to be found (workers, relays): what they discover only feeds their DHT routing table."""
+    async for _ in candidates:
+        pass

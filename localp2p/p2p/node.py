@@ -114,9 +114,11 @@ class _DisconnectNotifee(INotifee):
 class P2PNode:
     """A running libp2p host (Noise + Yamux + TCP). Create with :func:`open_node`."""
 
-    def __init__(self, host: IHost, key_pair: KeyPair) -> None:
+    def __init__(self, host: IHost, key_pair: KeyPair, extra_addrs: list[Multiaddr] | None = None) -> None:
         self.host = host
         self.key_pair = key_pair
+        #: Announced besides the listen addresses (relay circuits): see :meth:`announce_extra`.
+        self._extra_addrs = extra_addrs if extra_addrs is not None else []
         self._disconnect_callbacks: list[Callable[[ID], Awaitable[None]]] = []
         self._notifee = _DisconnectNotifee(self)
         host.get_network().register_notifee(self._notifee)
@@ -145,6 +147,15 @@ class P2PNode:
     def peer_info(self) -> PeerInfo:
         """``PeerInfo(peer_id, listen_addrs)`` - what another node needs to dial us."""
         return PeerInfo(self.peer_id, self.listen_addrs)
+
+    def announce_extra(self, addrs: Sequence[Multiaddr]) -> None:
+        """Announce ``addrs`` too (identify, DHT records): where others reach us through relays."""
+        self._extra_addrs[:] = list(addrs)
+
+    @property
+    def extra_addrs(self) -> list[Multiaddr]:
+        """What :meth:`announce_extra` set last."""
+        return list(self._extra_addrs)
 
     def p2p_addrs(self) -> list[Multiaddr]:
         """:attr:`listen_addrs` with ``/p2p/<peer id>`` appended."""
@@ -386,6 +397,7 @@ async def open_node(
         if not is_tcp(a):
             raise ValueError(f"only TCP listen addresses are supported: {a}")
         _ensure_port_free(a)
+    extra_addrs: list[Multiaddr] = []
     noise = NoiseTransport(
         key_pair, noise_privkey=create_new_x25519_key_pair().private_key
     )
@@ -412,10 +424,11 @@ async def open_node(
         ),
         # host.get_addrs() feeds identify, signed peer records and DHT
         # provider records; without this it advertises /ip4/0.0.0.0/...
-        addrs_factory=expand_addrs,
+        # Relay circuits (P2PNode.announce_extra) go out with them.
+        addrs_factory=lambda candidates: [*expand_addrs(candidates), *extra_addrs],
     )
     _libp2p.patch_host(host, auto_connect=auto_connect)
-    node = P2PNode(host, key_pair)
+    node = P2PNode(host, key_pair, extra_addrs)
     node._harden_builtin_handlers()
     unbound: list[str] = []
     async with host.run(listen_addrs=addrs):

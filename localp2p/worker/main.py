@@ -13,7 +13,7 @@ from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free, is_loopback
 from localp2p.p2p.auth import AuthGate
 from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
-from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.p2p.network import Network, P2PSettings, discard_candidates, run_network
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
 from localp2p.worker.rpc_server import RpcServerSpec, supervise_rpc_server
@@ -76,7 +76,7 @@ async def run_p2p_worker(
                 run_network, p2p, role="worker", hello=hello, advertise=True, install_handlers=install_handlers
             )
         )
-        nursery.start_soon(_discard, network.candidates)
+        nursery.start_soon(discard_candidates, network.candidates)
         ready = (
             f"localp2p worker ready: peer={network.node.peer_id} network={p2p.token.network_id} "
             f"rpc-protocol={info.version_text} memory-free-mib={info.memory_free >> 20} cpu-mode={cpu_mode.value} "
@@ -85,8 +85,3 @@ async def run_p2p_worker(
         print(ready, flush=True)
         task_status.started(ready)
 
-
-async def _discard(candidates: trio.MemoryReceiveChannel[object]) -> None:
-    """A worker waits to be found; what it discovers only feeds its DHT routing table."""
-    async for _ in candidates:
-        pass

@@ -15,6 +15,9 @@ Process-wide (:func:`install`):
 * :mod:`.hotpath` - buffered TCP reads and locks that do not yield when free.
 * :mod:`.log_limits` - py-libp2p's "Failed to open stream to peer" error once per
   peer per minute.
+* :mod:`.dcutr` - hole-punch dials leave from the bound listen address (and
+  ``TunnelSafeDCUtR``, run instead of py-libp2p's DCUtR: a relayed connection is
+  closed after an upgrade only once no tunnel uses it).
 
 Per host (:func:`patch_host`):
 
@@ -34,7 +37,7 @@ from libp2p.abc import IHost
 
 from localp2p.errors import StartupError
 
-from . import connmgr, hotpath, identify, log_limits, yamux
+from . import connmgr, dcutr, hotpath, identify, log_limits, yamux
 
 __all__ = ["LIBP2P_DISTRIBUTION", "LIBP2P_VERSION", "install", "installed_version", "patch_host"]
 
@@ -76,6 +79,7 @@ def install() -> None:
         yamux.install()
         hotpath.install()
         log_limits.install()
+        dcutr.install()
     except (AttributeError, KeyError, TypeError) as exc:
         raise StartupError(f"py-libp2p {found} does not fit localp2p's patches: {exc}") from exc
     _installed = True
