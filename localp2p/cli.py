@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_p2p_args(p2p)
     p2p.set_defaults(func=cmd_worker_p2p)
 
+    relay = command(commands, "relay", "relay for the network of TOKEN: nodes behind NAT reach each other through it")
+    relay.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
+    _add_p2p_args(relay)
+    relay.set_defaults(func=cmd_relay)
+
     token = command(commands, "token", "network tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     token_new = command(token_commands, "new", "print a fresh network token")
@@ -267,6 +272,18 @@ def _add_p2p_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--p2p-no-dht", action="store_true", default=_env("P2P_NO_DHT") in ("1", "true"), help="no DHT discovery")
     group.add_argument("--state-dir", type=pathlib.Path, default=None, help="where the node identity is kept (env LOCALP2P_STATE_DIR)")
     group.add_argument("--node-name", default=_env("NODE_NAME"), help="name shown to other nodes (default: host name)")
+    group.add_argument(
+        "--p2p-relay",
+        action="store_true",
+        default=_env("P2P_RELAY") in ("1", "true"),
+        help="relay for token holders behind NAT (env P2P_RELAY=true; `localp2p relay` does only that)",
+    )
+    group.add_argument(
+        "--p2p-relay-limits",
+        default=_env("P2P_RELAY_LIMITS"),
+        metavar="KEY=N,...",
+        help="relay limits: reservations=32,circuits=8,seconds=0,bytes=0 (0: none; env P2P_RELAY_LIMITS)",
+    )
 
 
 def _p2p_settings(args: argparse.Namespace, token_text: str | None) -> Any:
@@ -288,9 +305,36 @@ def _p2p_settings(args: argparse.Namespace, token_text: str | None) -> Any:
     )
     if args.node_name:
         settings.name = args.node_name
+    if args.p2p_relay or args.p2p_relay_limits or args.command == "relay":
+        settings.relay = _relay_limits(args.p2p_relay_limits)
     if not settings.mdns and not settings.dht:
         raise CLIError("--p2p-no-mdns and --p2p-no-dht together leave no way to find peers")
     return settings
+
+
+#: ``--p2p-relay-limits`` keys and the RelayLimits fields they set.
+_RELAY_LIMIT_KEYS = {
+    "reservations": "max_reservations",
+    "circuits": "max_circuits",
+    "seconds": "circuit_seconds",
+    "bytes": "circuit_bytes",
+}
+
+
+def _relay_limits(text: str | None) -> Any:
+    """RelayLimits from ``reservations=32,circuits=8,seconds=0,bytes=0`` (any subset; the rest default)."""
+    from localp2p.p2p.relay import RelayLimits  # noqa: PLC0415
+
+    values: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        field_name = _RELAY_LIMIT_KEYS.get(key.strip())
+        if field_name is None or not value.strip().isdigit():
+            raise CLIError(f"--p2p-relay-limits: expected KEY=N with KEY one of {', '.join(_RELAY_LIMIT_KEYS)}, got {item!r}")
+        values[field_name] = int(value)
+    return RelayLimits(**values)
 
 
 def _run_service(service: Callable[..., Awaitable[Any]], *args: Any, graceful_limit: float | None = None) -> int:
@@ -364,6 +408,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.p2p = _p2p_settings(args, token_text)
     elif args.min_workers:
         raise CLIError("--min-workers needs --p2p")
+    elif args.p2p_relay:
+        raise CLIError("--p2p-relay needs --p2p")
     if args.max_queue is not None:
         settings.max_queue = args.max_queue
     if args.shutdown_grace is not None:
@@ -412,6 +458,15 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
         raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
     settings = _p2p_settings(args, token_text)
     return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode)
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from localp2p.relay_node import run_relay_node  # noqa: PLC0415
+
+    token_text = args.token or _env("TOKEN") or _env("P2P_TOKEN")
+    if not token_text:
+        raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
+    return _run_service(run_relay_node, _p2p_settings(args, token_text))
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:

@@ -200,7 +200,7 @@ async def _start_p2p(
     network: Network = await nursery.start(
         functools.partial(run_network, settings.p2p, role="server", hello={"name": settings.p2p.name}, advertise=False)
     )
-    attacher = WorkerAttacher(network.node, network.gate, workers)
+    attacher = WorkerAttacher(network.node, network.gate, workers, network.links)
     await nursery.start(attacher.run, network.candidates)
     if settings.min_workers:
         log.info("waiting for workers before loading the model", min_workers=settings.min_workers)

@@ -24,6 +24,7 @@ from localp2p.llama.burst import RpcBurstFraming
 from localp2p.logs import get_logger
 from localp2p.p2p.auth import AuthError, AuthGate
 from localp2p.p2p.discovery import Candidate
+from localp2p.p2p.links import Links
 from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, Pinger, PingFailed, PingFailure
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import REFUSED_BUSY, TunnelStats, serve_tunnel
@@ -66,6 +67,10 @@ class Worker:
     memory_total: int = 0
     rpc_protocol: str = ""
     rtt_ms: float | None = None
+    #: How the server is connected to it: "direct", "hole-punched" or "relayed" (None: not connected).
+    link: str | None = None
+    #: The relay's peer id while :attr:`link` is "relayed".
+    relay: str | None = None
     stats: TunnelStats = field(default_factory=TunnelStats)
 
     @property
@@ -86,6 +91,8 @@ class Worker:
             "memory_total": self.memory_total,
             "rpc_protocol": self.rpc_protocol,
             "rtt_ms": self.rtt_ms,
+            "link": self.link,
+            "relay": self.relay,
             "bytes_sent": self.stats.bytes_sent,
             "bytes_received": self.stats.bytes_received,
             "connections_open": self.stats.connections_open,
@@ -168,10 +175,12 @@ class WorkerAttacher:
     attempts, tunnel listener and liveness; the set only stores the results.
     """
 
-    def __init__(self, node: P2PNode, gate: AuthGate, workers: WorkerSet) -> None:
+    def __init__(self, node: P2PNode, gate: AuthGate, workers: WorkerSet, links: Links | None = None) -> None:
         self.node = node
         self.gate = gate
         self.workers = workers
+        #: Dials through relays when direct fails, and says how each worker is connected.
+        self.links = links
         self._attending: set[str] = set()
         self._known_addrs: dict[str, list[Multiaddr]] = {}
         self._non_workers: set[str] = set()
@@ -260,7 +269,10 @@ class WorkerAttacher:
         self._forget_dial_failure(peer_id)
         try:
             with trio.fail_after(ATTACH_TIMEOUT):
-                await self.node.connect(PeerInfo(peer_id, addrs))
+                if self.links is not None:
+                    await self.links.connect(peer_id, addrs)
+                else:
+                    await self.node.connect(PeerInfo(peer_id, addrs))
                 hello = await self.gate.authenticate(self.node, peer_id)
         except AuthError as exc:
             log.warning("peer refused: token proof failed", peer_id=key, reason=str(exc))
@@ -322,6 +334,19 @@ class WorkerAttacher:
             worker.tunnel_port = None
             self.workers.set_state(worker, OFFLINE)
 
+    def _note_link(self, worker: Worker) -> bool:
+        """Record how the worker is connected now; True when that changed since the last look."""
+        link = self.links.link_of(ID.from_base58(worker.peer_id)) if self.links is not None else None
+        kind = link.kind.value if link is not None else None
+        relay = link.relay if link is not None else None
+        if (kind, relay) == (worker.link, worker.relay):
+            return False
+        changed = worker.link is not None
+        if changed:
+            log.info("worker link changed", peer_id=worker.peer_id, name=worker.name, link=kind, relay=relay, was=worker.link)
+        worker.link, worker.relay = kind, relay
+        return changed
+
     async def _watch(self, pinger: Pinger, worker: Worker) -> None:
         """Ping until MAX_MISSED answers in a row are missing; keep the state current."""
         missed = 0
@@ -337,6 +362,8 @@ class WorkerAttacher:
             missed = 0
             worker.last_seen = time.time()
             worker.rtt_ms = round((pinger.rtt or 0) * 1000, 2)
+            if self._note_link(worker):
+                await pinger.aclose()  # the next ping opens its stream on the new path: its RTT is that path's
             self.workers.set_state(worker, ONLINE if owned else BUSY)
             await trio.sleep(PING_INTERVAL if owned else BUSY_RECHECK)
         log.warning("worker stopped answering", peer_id=worker.peer_id, name=worker.name)

@@ -124,6 +124,7 @@ function renderWorkers(p2p) {
         el("dt", {}, "sent"), el("dd", {className: "bytes-sent"}, fmtBytes(w.bytes_sent)),
         el("dt", {}, "received"), el("dd", {className: "bytes-received"}, fmtBytes(w.bytes_received)),
         el("dt", {}, "rtt"), el("dd", {className: "rtt"}, typeof w.rtt_ms === "number" ? fmtNumber(w.rtt_ms, 1) + " ms" : "—"),
+        el("dt", {}, "link"), el("dd", {className: "link"}, w.link ? (w.link === "relayed" && w.relay ? "relayed via " + String(w.relay).slice(-8) : w.link) : "—"),
         el("dt", {}, "last seen"), el("dd", {className: "last-seen"}, fmtAgo(w.last_seen))));
   }));
 }

@@ -1,0 +1,186 @@
+"""Issue 17: beyond the LAN. Relays for token holders, relayed tunnels, hole punching.
+
+* In-process (loopback, no root): a relay refuses reservations and circuits to peers that
+  have not proved the network token; a token holder gets both.
+* Real processes in network namespaces (root + nftables; skipped with the reason
+  otherwise): a relay on a simulated internet (100.64.0.0/10), the server behind one NAT
+  router, the worker behind another (nftables masquerade, new inbound connections
+  dropped); the relay is everyone's DHT bootstrap.
+  - NATs that pick random ports: the link stays relayed, the answer is byte-identical.
+  - NATs that keep ports: the link is hole-punched, the answer is byte-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from libp2p.peer.peerinfo import PeerInfo
+
+from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.p2p.reachability import Reachability
+from localp2p.p2p.relay import HOP_PROTOCOL, RelayLimits
+from localp2p.p2p.token import NetworkToken
+from localp2p.testing.cluster import (
+    Proc,
+    Server,
+    netns_prefix,
+    netns_server,
+    new_token,
+    p2p_state,
+    p2p_worker,
+    stopped_on_error,
+    wait_for_workers,
+    worker_peer_id,
+)
+from localp2p.testing.netns import Topology, nat_topology, nat_unavailable_reason
+
+CHAT = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}], "temperature": 0, "max_tokens": 48}
+
+
+# -- in-process: the token gate on the relay ---------------------------------------------
+
+
+@asynccontextmanager
+async def _nodes(tmp_path: pathlib.Path, *specs: tuple[str, NetworkToken, dict[str, Any]]) -> AsyncIterator[list[Network]]:
+    """Loopback nodes, DHT off, no mDNS: ``(role, token, P2PSettings extras)`` each."""
+    async with trio.open_nursery() as nursery:
+        nets = []
+        for i, (role, token, extra) in enumerate(specs):
+            settings = P2PSettings(token=token, state_dir=tmp_path / f"n{i}", listen=("/ip4/127.0.0.1/tcp/0",), mdns=False, dht=False, **extra)
+            nets.append(await nursery.start(functools.partial(run_network, settings, role=role, hello={"name": f"n{i}"}, advertise=False)))
+        yield nets
+        nursery.cancel_scope.cancel()
+
+
+async def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+
+
+def test_relay_serves_token_holders_only(tmp_path: pathlib.Path) -> None:
+    trio.run(_token_holders_only, tmp_path)
+
+
+async def _token_holders_only(tmp_path: pathlib.Path) -> None:
+    token, other = NetworkToken.generate(), NetworkToken.generate()
+    async with _nodes(tmp_path, ("relay", token, {"relay": RelayLimits()}), ("worker", token, {}), ("server", token, {}), ("server", other, {})) as nets:
+        relay, worker, server, intruder = nets
+        relay_addrs = relay.node.listen_addrs
+        for net in (worker, server, intruder):
+            await net.node.connect(PeerInfo(relay.node.peer_id, relay_addrs))
+        # A token holder learns the relay by itself (identify lists the hop protocol) and proves the token to it.
+        await _wait(lambda: relay.node.peer_id in worker.links.known_relays and relay.node.peer_id in server.links.known_relays)
+        assert relay.node.peer_id not in intruder.links.known_relays  # it could not prove our token to the intruder
+        await _wait(lambda: worker.links.reachability is Reachability.PUBLIC)  # loopback: the relay dials it back
+
+        # The worker reserves; the server opens a circuit to it through the relay; end-to-end token proof over it.
+        assert await worker.links.relays.reserve(relay.node.peer_id, relay_addrs)
+        await server.links.relays.dial(worker.node.peer_id, relay.node.peer_id, relay_addrs)
+        hello = await server.gate.authenticate(server.node, worker.node.peer_id)
+        assert hello.role == "worker"
+        link = server.links.link_of(worker.node.peer_id)
+        assert link is not None and link.kind.value == "relayed" and link.relay == str(relay.node.peer_id)
+
+        # The intruder is connected to the relay but holds another token: no reservation, no circuit.
+        refusals = relay.gate.refused.get(intruder.node.peer_id, 0)
+        with pytest.raises(Exception):
+            await intruder.links.relays.reserve(relay.node.peer_id, relay_addrs)
+        stream = None
+        with pytest.raises(Exception):
+            stream = await intruder.node.new_stream(relay.node.peer_id, str(HOP_PROTOCOL))
+            await stream.write(b"\x02\x08\x01")  # a HOP CONNECT would follow; the relay has reset the stream unread
+            await stream.read(1)
+        with pytest.raises(Exception):
+            await intruder.links.relays.dial(worker.node.peer_id, relay.node.peer_id, relay_addrs)
+        assert relay.gate.refused.get(intruder.node.peer_id, 0) > refusals
+        assert not intruder.node.host.get_network().get_connections(worker.node.peer_id)
+
+
+# -- network namespaces: through two NATs --------------------------------------------------
+
+needs_nat = pytest.mark.skipif(nat_unavailable_reason() is not None, reason=f"NAT topology: {nat_unavailable_reason()}")
+
+
+def _relay(topo: Topology, log_dir: pathlib.Path, token: str) -> tuple[Proc, str]:
+    """`localp2p relay` on host 0 (the internet); returns it and its bootstrap address."""
+    proc = Proc(
+        ["relay", "--p2p-no-mdns", "--state-dir", str(log_dir / "state-relay"), "--node-name", "relay"],
+        log_dir,
+        "ns-relay",
+        {"TOKEN": token},
+        prefix=netns_prefix(topo, 0),
+    )
+    with stopped_on_error(proc):
+        line = proc.wait_line("localp2p relay ready")
+    addrs = line.split("addrs=", 1)[1].split(",")
+    return proc, next(a for a in addrs if f"/ip4/{topo.hosts[0].ip}/" in a)
+
+
+def _answer(server: Server) -> str:
+    reply = server.http.post("/v1/chat/completions", json=CHAT, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["message"]["content"])
+
+
+def _wait_link(server: Server, peer_id: str, kinds: set[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    worker: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        worker = next((w for w in p2p_state(server)["workers"] if w["peer_id"] == peer_id), {})
+        if worker.get("link") in kinds and worker.get("online"):
+            return worker
+        time.sleep(0.25)
+    raise AssertionError(f"link of {peer_id} not in {kinds} after {timeout} s: {worker}\n{server.proc.stderr()[-3000:]}")
+
+
+def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_ports: bool) -> dict[str, Any]:
+    """Relay on the internet, server behind NAT A, worker behind NAT B: the worker is used, the
+    answer is byte-identical to local. Returns timings and the worker's final /api/p2p entry."""
+    token = new_token()
+    expected = _answer(local_server)
+    with nat_topology(1, [1, 1], random_ports=random_ports) as topo:
+        relay, bootstrap = _relay(topo, tmp_path, token)
+        flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
+        started = time.monotonic()
+        worker = p2p_worker(tmp_path, token, "ns-natted-worker", *flags, prefix=netns_prefix(topo, 2))
+        with netns_server(topo, 1, tmp_path, token, *flags) as server:
+            peer = worker_peer_id(worker)
+            state = wait_for_workers(server, [peer], timeout=90)
+            used_after = time.monotonic() - started
+            entry = next(w for w in state["workers"] if w["peer_id"] == peer)
+            assert entry["link"] in ("relayed", "hole-punched"), entry
+            assert state["node"]["reachability"] == "private", state["node"]
+            assert any("/p2p-circuit" in a for a in state["node"]["relay_addrs"]), state["node"]
+            assert _answer(server) == expected
+            if random_ports:
+                entry = _wait_link(server, peer, {"relayed"}, 5)
+                time.sleep(20)  # DCUtR tries and fails meanwhile: random ports cannot be predicted
+                entry = _wait_link(server, peer, {"relayed"}, 5)
+            else:
+                entry = _wait_link(server, peer, {"hole-punched"}, 60)
+            punched_after = time.monotonic() - started - used_after
+            assert _answer(server) == expected
+        worker.stop()
+        relay.stop()
+    return {"used_after_s": round(used_after, 1), "then_punched_after_s": None if random_ports else round(punched_after, 1), "worker": entry}
+
+
+@needs_nat
+def test_relayed_through_random_port_nats(tmp_path: pathlib.Path, local_server: Server) -> None:
+    result = _through_two_nats(tmp_path, local_server, random_ports=True)
+    assert result["worker"]["relay"], result
+    print("relayed:", result)
+
+
+@needs_nat
+def test_hole_punched_through_port_keeping_nats(tmp_path: pathlib.Path, local_server: Server) -> None:
+    result = _through_two_nats(tmp_path, local_server, random_ports=False)
+    print("hole-punched:", result)
