@@ -42,12 +42,11 @@ from unittest import mock
 
 import httpx
 import pytest
-from test_p2p_netns import NamespaceForward
 from test_tensor_cache import CACHE_SHAPE
 
 from localp2p.genmodel import write_model
 from localp2p.testing.cluster import Proc, Server, free_port, new_token, p2p_worker, wait_for_workers, worker_peer_id
-from localp2p.testing.netns import Topology, netns_unavailable_reason, topology
+from localp2p.testing.netns import NamespaceForward, Topology, netns_unavailable_reason, topology
 from localp2p.worker.tensor_cache import CACHE_MIN_FREE_ENV
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"network namespaces: {netns_unavailable_reason()}")
