@@ -30,16 +30,18 @@ from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
+from libp2p.relay.circuit_v2 import dcutr as upstream_dcutr
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux import yamux as upstream_yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.utils.varint import read_length_prefixed_protobuf
+from multiaddr import Multiaddr
 
 from localp2p.errors import StartupError
 from localp2p.p2p import _libp2p
-from localp2p.p2p._libp2p import connmgr, hotpath, identify, log_limits, yamux
+from localp2p.p2p._libp2p import connmgr, dcutr, hotpath, identify, log_limits, yamux
 from localp2p.p2p.node import open_node
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -169,6 +171,26 @@ def test_hotpath_installed() -> None:
     assert TrioTCPStream.read is hotpath._buffered_read
     hotpath._check()  # one object of each class, locks swapped
     assert isinstance(TrioTCPStream(None).read_lock, hotpath.FreeLock)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# dcutr: the punch's source address, the relayed connection kept while used
+# --------------------------------------------------------------------------
+
+
+def test_dcutr_upstream_shape() -> None:
+    protocol = upstream_dcutr.DCUtRProtocol
+    assert "_local_tcp_listen_addrs(self.host)" in inspect.getsource(protocol._perform_hole_punch)
+    assert "_local_tcp_listen_addrs(self.host)" in inspect.getsource(protocol._get_observed_addrs)
+    assert "_close_relayed_conns_after_grace" in inspect.getsource(protocol._schedule_relay_close)
+    assert _params(protocol._close_relayed_conns_after_grace) == ["self", "peer_id", "grace"]
+    assert upstream_dcutr._tcp_ip_port(Multiaddr("/ip4/0.0.0.0/tcp/4001")) == (4, "0.0.0.0", 4001)
+
+
+def test_dcutr_patch_installed() -> None:
+    _libp2p.install()
+    assert upstream_dcutr._local_tcp_listen_addrs is dcutr._bound_tcp_listen_addrs
+    assert issubclass(dcutr.TunnelSafeDCUtR, upstream_dcutr.DCUtRProtocol)
 
 
 # --------------------------------------------------------------------------
