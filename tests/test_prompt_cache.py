@@ -40,12 +40,19 @@ def _ask(server: Server, messages: list[dict[str, str]]) -> str:
     assert reply.status_code == 200, reply.text
     body: dict[str, Any] = reply.json()
     assert body["usage"]["completion_tokens"] == MAX_TOKENS
+    _served_from_cache.setdefault(id(server), []).append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
     return str(body["choices"][0]["message"]["content"])
 
 
+#: usage.prompt_tokens_details.cached_tokens of every request, per server (by id).
+_served_from_cache: dict[int, list[int]] = {}
+
+
 def _cached_tokens(server: Server) -> list[int]:
-    """``cached_tokens`` of every generation so far, in order (from the backend's log)."""
-    return [int(m) for m in re.findall(r"generation done .*?cached_tokens=(\d+)", server.proc.stderr())]
+    """``cached_tokens`` of every request so far, in order; the backend's log must agree."""
+    logged = [int(m) for m in re.findall(r"generation done .*?cached_tokens=(\d+)", server.proc.stderr())]
+    assert logged == _served_from_cache[id(server)]
+    return logged
 
 
 def _system(question: str) -> list[dict[str, str]]:

@@ -280,7 +280,7 @@ def _status(final: pb.Reply) -> str:
 def _usage(final: pb.Reply) -> dict[str, Any]:
     return {
         "input_tokens": final.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": final.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": final.tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": final.prompt_tokens + final.tokens,

@@ -40,11 +40,13 @@ router = APIRouter(prefix="/v1")
 DONE = b"data: [DONE]\n\n"
 
 
-def _usage(reply: pb.Reply) -> dict[str, int]:
+def _usage(reply: pb.Reply) -> dict[str, Any]:
     return {
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.tokens,
         "total_tokens": reply.prompt_tokens + reply.tokens,
+        # Prompt tokens the backend's prompt cache served (README, "Serving engine").
+        "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
     }
 
 
