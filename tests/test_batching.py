@@ -8,6 +8,7 @@ and continues to its full answer, equal to the uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import threading
 from typing import Any
@@ -19,6 +20,23 @@ from localp2p.testing.cluster import Server, new_token, p2p_server, p2p_worker, 
 STREAMS = 8
 TOKENS = 96
 TOPICS = ["a lighthouse", "the moon", "a river", "bread", "a violin", "winter", "a library", "the sea"]
+TOOL_CALL = {
+    "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "temperature": 0,
+    "max_tokens": 64,
+    "logprobs": True,
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ],
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+}
 #: Chunks every stream has received before the worker is killed: all of them are mid-answer.
 KILL_AFTER_CHUNKS = 6
 
@@ -98,6 +116,16 @@ def test_eight_streams_through_two_p2p_workers_survive_a_worker_kill(tmp_path: p
         assert len(_failover_lines(server, FAILING_OVER)) == STREAMS
         assert len(_failover_lines(server, CONTINUED)) == STREAMS
         assert server.proc.popen.poll() is None
+
+        # The OpenAI fields behave the same with the layers on a p2p worker (issue 19, item 8).
+        reply = server.http.post("/v1/chat/completions", json=TOOL_CALL)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+        assert len(choice["logprobs"]["content"]) == reply.json()["usage"]["completion_tokens"]
     finally:
         server.close()
         first.stop()
