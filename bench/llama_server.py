@@ -41,8 +41,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
-
 from localp2p import cpumode
 from localp2p.llama.rpc import PROTOCOL_VERSION
 
@@ -220,15 +218,11 @@ class LlamaServer(Server):
     """A running llama-server (a :class:`Server`, so Procs stops it like any other)."""
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.popen.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.popen.returncode}:\n{self.proc.stderr()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if self.http.get("/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"llama-server not ready:\n{self.proc.stderr()[-3000:]}")
+        """Until it logs that it listens (after loading the model) and answers /health."""
+        self.proc.wait_stderr("llama_server: listening on", timeout)
+        health = self.http.get("/health", timeout=10)
+        if health.status_code != 200:
+            raise RuntimeError(f"llama-server /health: HTTP {health.status_code} {health.text[:200]}")
 
     def status(self) -> dict[str, Any]:
         return {"props": self.http.get("/props").json()}
@@ -256,6 +250,7 @@ def start(
         "-m", str(model), "-a", alias, "--host", "127.0.0.1", "--port", str(port),
         "-t", str(threads), "-tb", str(threads),
         "-c", str(context_per_slot * parallel), "-np", str(parallel), "--no-webui",
+        "-lv", "4",  # info: the load_tensors lines say where the layers and buffers went
     ]  # fmt: skip
     if rpc_servers:
         args += ["--rpc", ",".join(rpc_servers), "-ngl", "99"]

