@@ -9,6 +9,13 @@
 #                         happens once per machine, later installs reuse it
 #   LOCALP2P_CMAKE_ARGS   extra CMake flags for that build (Docker: portable CPU)
 #   LOCALP2P_EXTRAS       pip extras for localp2p itself (default: dev)
+#   LOCALP2P_GPU          the llama.cpp build: cuda, vulkan, metal or cpu; unset (or auto):
+#                         cuda where nvidia-smi works and nvcc is found, vulkan where a GPU
+#                         is visible and the Vulkan loader, headers and glslc are there,
+#                         metal on macOS, else cpu. A requested one that cannot be built
+#                         stops the install with one line saying what is missing.
+#
+#   bash scripts/install.sh --select   prints the choice (`gpu=... cmake=...`) and stops
 set -euo pipefail
 
 LLAMA_CPP_VERSION=0.3.36
@@ -23,13 +30,83 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install: %s\n' "$*" >&2; exit 1; }
 
+# --- which llama.cpp build: reads only the environment (PATH, files, uname) ---------
+find_nvcc() {
+    local c
+    for c in "${CUDACXX:-}" "$(command -v nvcc 2>/dev/null || true)" "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"; do
+        [ -n "$c" ] && [ -x "$c" ] && { echo "$c"; return 0; }
+    done
+    return 1
+}
+has_nvidia_driver() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+gpu_visible() {
+    local dev=${LOCALP2P_DEV_ROOT:-/dev}
+    has_nvidia_driver || [ -e "$dev/kfd" ] || compgen -G "$dev/dri/renderD*" >/dev/null
+}
+# What a Vulkan build lacks (empty: nothing): the loader, its headers, glslc, SPIRV-Headers.
+vulkan_missing() {
+    local missing=()
+    { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || compgen -G "/usr/lib*/*/libvulkan.so.1" >/dev/null || [ -n "${VULKAN_SDK:-}" ]; } \
+        || missing+=("the Vulkan loader (libvulkan1)")
+    [ -e "${VULKAN_SDK:-/usr}/include/vulkan/vulkan.h" ] || missing+=("the Vulkan headers (libvulkan-dev)")
+    command -v glslc >/dev/null 2>&1 || missing+=("glslc (glslc)")
+    [ -e "${VULKAN_SDK:-/usr}/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake" ] || [ -n "${VULKAN_SDK:-}" ] \
+        || missing+=("SPIRV-Headers (spirv-headers)")
+    local IFS=,
+    echo "${missing[*]}"
+}
+# Prints cuda|vulkan|metal|cpu, or fails with one line when LOCALP2P_GPU asks for what cannot be built.
+select_gpu() {
+    local want=${LOCALP2P_GPU:-auto}
+    case "$want" in
+    auto | "")
+        if [ "$(uname -s)" = Darwin ]; then echo metal
+        elif has_nvidia_driver && find_nvcc >/dev/null; then echo cuda
+        elif gpu_visible && [ -z "$(vulkan_missing)" ]; then echo vulkan
+        else echo cpu
+        fi ;;
+    cuda)
+        find_nvcc >/dev/null || die "LOCALP2P_GPU=cuda: no CUDA compiler (nvcc not on PATH, CUDACXX unset, none in \${CUDA_HOME:-/usr/local/cuda}/bin): install the CUDA toolkit"
+        echo cuda ;;
+    vulkan)
+        local missing
+        missing=$(vulkan_missing)
+        [ -z "$missing" ] || die "LOCALP2P_GPU=vulkan: missing ${missing//,/, } (Debian: apt-get install libvulkan-dev glslc spirv-headers)"
+        echo vulkan ;;
+    metal)
+        [ "$(uname -s)" = Darwin ] || die "LOCALP2P_GPU=metal: Metal needs macOS (this is $(uname -s))"
+        echo metal ;;
+    cpu) echo cpu ;;
+    *) die "LOCALP2P_GPU=$want: not one of cuda, vulkan, metal, cpu" ;;
+    esac
+}
+gpu_cmake_flags() {
+    case "$1" in
+    cuda) echo "-DGGML_CUDA=ON" ;;
+    vulkan) echo "-DGGML_VULKAN=ON" ;;
+    metal) echo "-DGGML_METAL=ON" ;;
+    *) echo "" ;;
+    esac
+}
+
+GPU=$(select_gpu)
+GPU_CMAKE=$(gpu_cmake_flags "$GPU")
+if [ "${1:-}" = --select ]; then
+    echo "gpu=$GPU cmake=$GPU_CMAKE"
+    exit 0
+fi
+
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ is required ($PYTHON is $("$PYTHON" -V 2>&1))"
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip wheel
 
+# The build in the venv: llama-cpp-python's version with RPC, and the GPU choice it was
+# built for, recorded in $VENV/localp2p-gpu (none there: a cpu build from before the choice).
+BUILT_FOR="$VENV/localp2p-gpu"
 has_rpc_llama() {
+    [ "$(cat "$BUILT_FOR" 2>/dev/null || echo cpu)" = "$GPU" ] || return 1
     "$PY" - "$LLAMA_CPP_VERSION" <<'PY' 2>/dev/null
 import sys
 import llama_cpp
@@ -38,20 +115,23 @@ PY
 }
 
 if has_rpc_llama; then
-    say "llama-cpp-python $LLAMA_CPP_VERSION with RPC already installed"
+    say "llama-cpp-python $LLAMA_CPP_VERSION with RPC ($GPU build) already installed"
 else
     # The wheel is specific to this interpreter, CPU architecture, CPU feature set
-    # (native build) and CMake flags: all of them go into the cache key.
+    # (native build), GPU choice and CMake flags: all of them go into the cache key
+    # (the cpu build keeps the name it had before there was a choice).
     pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
     cpukey=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo "$CMAKE_EXTRA") | sha256sum | cut -c1-12)
-    slot="$CACHE/llama-cpp-python-$LLAMA_CPP_VERSION-rpc-$pytag-$(uname -m)-$cpukey"
+    kind=rpc
+    [ "$GPU" = cpu ] || kind="rpc-$GPU"
+    slot="$CACHE/llama-cpp-python-$LLAMA_CPP_VERSION-$kind-$pytag-$(uname -m)-$cpukey"
     wheel=$(ls "$slot"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
     if [ -z "$wheel" ]; then
-        say "building llama-cpp-python $LLAMA_CPP_VERSION with -DGGML_RPC=ON (once per machine, ~17 min on 2 cores)"
+        say "building llama-cpp-python $LLAMA_CPP_VERSION for $GPU with -DGGML_RPC=ON $GPU_CMAKE (once per machine, ~17 min on 2 cores for cpu)"
         tmp=$(mktemp -d)
         # --no-binary and --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS
         # and would happily hand back a build without RPC.
-        CMAKE_ARGS="-DGGML_RPC=ON $CMAKE_EXTRA" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        CMAKE_ARGS="-DGGML_RPC=ON $GPU_CMAKE $CMAKE_EXTRA" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
             "${PIP[@]}" wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
             "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$tmp"
         mkdir -p "$slot"
@@ -63,6 +143,7 @@ else
     fi
     "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"
     "${PIP[@]}" install -q "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
+    echo "$GPU" >"$BUILT_FOR"
     has_rpc_llama || die "llama-cpp-python $LLAMA_CPP_VERSION is installed but llama_supports_rpc() is false: remove $slot and rerun"
 fi
 
