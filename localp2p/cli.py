@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
     _add_cpu_mode_arg(static)
+    _add_device_arg(static)
     static.set_defaults(func=cmd_worker_static)
 
     p2p = command(kinds, "p2p-llama-cpp-rpc", "a llama.cpp rpc-server lent to the network of TOKEN over libp2p")
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     p2p.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
     _add_cpu_mode_arg(p2p)
+    _add_device_arg(p2p)
     _add_p2p_args(p2p)
     p2p.set_defaults(func=cmd_worker_p2p)
 
@@ -249,6 +251,17 @@ def _add_cpu_mode_arg(parser: argparse.ArgumentParser) -> None:
         default=_env(cpumode.MODE_ENV, CpuMode.DEFAULT.value),
         metavar="MODE",
         help=f"llama.cpp's CPU fast paths: default (all but AMX), amx (AMX too: opt in), safe (the plainest code) (env {cpumode.MODE_ENV})",
+    )
+
+
+def _add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[d.strip() for d in (_env("LOCALP2P_DEVICE") or "").split(",") if d.strip()],
+        metavar="NAME",
+        help="a ggml device the rpc-server serves, e.g. CUDA1 or Vulkan0 (repeatable; env LOCALP2P_DEVICE, comma-separated); "
+        "default: every GPU, else the CPU (`localp2p doctor` lists them)",
     )
 
 
@@ -457,7 +470,7 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
     if not token_text:
         raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
     settings = _p2p_settings(args, token_text)
-    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode)
+    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode, tuple(args.device))
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -503,7 +516,14 @@ def cmd_worker_static(args: argparse.Namespace) -> int:
     from localp2p.worker.main import run_static_worker  # noqa: PLC0415
     from localp2p.worker.rpc_server import RpcServerSpec  # noqa: PLC0415
 
-    spec = RpcServerSpec(host=args.address, port=args.port, threads=args.threads, cache_dir=args.cache_dir, cpu_mode=args.cpu_mode)
+    spec = RpcServerSpec(
+        host=args.address,
+        port=args.port,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        cpu_mode=args.cpu_mode,
+        devices=tuple(args.device),
+    )
     return _run_service(run_static_worker, spec)
 
 

@@ -24,7 +24,7 @@ from localp2p import cpumode
 from localp2p.config import ConfigError, ModelConfig, embedded_model_path, load_models, parse_rpc_servers
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
-from localp2p.llama import rpc
+from localp2p.llama import devices, rpc
 from localp2p.netutil import check_port_free
 from localp2p.procutil import python_module_argv
 
@@ -98,6 +98,30 @@ def check_rpc_protocol() -> Check:
     except Exception as exc:
         return Check(FAIL, f"RPC library could not be loaded: {exc}")
     return Check(OK, f"RPC protocol {version}")
+
+
+def check_devices() -> list[Check]:
+    """The ggml devices this build has (name, kind, memory), which a worker serves, and a GPU it cannot use.
+
+    WARN when a GPU is visible (nvidia-smi, /dev/kfd, /dev/dri render nodes) but this
+    build has no GPU backend: workers would serve their layers from the CPU.
+    """
+    try:
+        available = devices.list_devices()
+        served = devices.select(available)
+        warning = devices.unused_gpu_warning()
+    except Exception as exc:
+        return [Check(FAIL, f"llama.cpp devices could not be listed: {exc}")]
+    listed = "; ".join(d.text() for d in available) or "none"
+    checks = [
+        Check(
+            OK if served else FAIL,
+            f"llama.cpp devices: {listed}; a worker serves {devices.summary(served)} (pick with --device NAME)",
+        )
+    ]
+    if warning:
+        checks.append(Check(WARN, warning))
+    return checks
 
 
 def gguf_summary(path: pathlib.Path) -> str:
@@ -309,7 +333,7 @@ def _models_or_none(models_path: pathlib.Path | None) -> Sequence[ModelConfig]:
 
 def run_checks(settings: DoctorSettings) -> list[Check]:
     """All checks for ``settings``, in report order."""
-    checks = [check_llama_rpc(), check_rpc_protocol(), check_cpu_decode(settings.cpu_mode)]
+    checks = [check_llama_rpc(), check_rpc_protocol(), *check_devices(), check_cpu_decode(settings.cpu_mode)]
     checks += check_models(settings.models_path)
     checks.append(check_http_port(settings.address))
     if settings.token:

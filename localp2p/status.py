@@ -199,6 +199,7 @@ def _worker_lines(p2p: dict[str, Any]) -> list[str]:
                 str(worker.get("name") or "-"),
                 state,
                 f"{size(worker.get('memory_free'))} free of {size(worker.get('memory_total'))}",
+                _devices_text(worker),
                 f"{worker.get('layers', 0)} layers",
                 f"sent {size(worker.get('bytes_sent'))}",
                 f"received {size(worker.get('bytes_received'))}",
@@ -206,6 +207,15 @@ def _worker_lines(p2p: dict[str, Any]) -> list[str]:
             ]
         )
     return [*lines, "workers:", *_table(rows)]
+
+
+def _devices_text(worker: dict[str, Any]) -> str:
+    """``Vulkan0 GPU`` or ``CPU``: the ggml devices the worker's rpc-server serves (``-`` when it did not say)."""
+    names = []
+    for device in (d for d in worker.get("devices") or [] if isinstance(d, dict)):
+        name, kind = str(device.get("name", "?")), device.get("kind")
+        names.append(f"{name} {kind}" if kind and kind != name else name)
+    return "+".join(names) or "-"
 
 
 def _link_text(worker: dict[str, Any]) -> str:

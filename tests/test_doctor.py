@@ -12,6 +12,7 @@ import pytest
 
 from localp2p import cpumode
 from localp2p.config import embedded_model_path
+from localp2p.llama import devices
 from localp2p.testing.cluster import LOCALP2P, Proc, free_port, new_token, start_worker
 
 #: Variables a developer's shell may set that would change what doctor checks.
@@ -24,6 +25,7 @@ _DOCTOR_ENV = (
     "LLAMACPP_GRPC_SERVERS",
     cpumode.MODE_ENV,
     cpumode.CRASH_FAILPOINT_ENV,
+    devices.DEV_ROOT_ENV,
 )
 
 
@@ -44,9 +46,10 @@ def worker(log_dir: pathlib.Path) -> Iterator[tuple[Proc, str]]:
     proc.stop()
 
 
-def test_healthy_setup_is_all_ok(worker: tuple[Proc, str]) -> None:
+def test_healthy_setup_is_all_ok(worker: tuple[Proc, str], tmp_path: pathlib.Path) -> None:
     _, endpoint = worker
-    out = doctor("--address", f"127.0.0.1:{free_port()}", env={"LLAMACPP_GRPC_SERVERS": endpoint})
+    env = {"LLAMACPP_GRPC_SERVERS": endpoint, devices.DEV_ROOT_ENV: str(tmp_path)}  # no GPU device nodes
+    out = doctor("--address", f"127.0.0.1:{free_port()}", env=env)
     lines = lines_of(out)
     assert out.returncode == 0, out.stdout + out.stderr
     assert lines and all(line.startswith("[OK] ") for line in lines), lines
@@ -56,7 +59,23 @@ def test_healthy_setup_is_all_ok(worker: tuple[Proc, str]) -> None:
     assert str(embedded_model_path()) in text and "tensors" in text
     assert f"worker {endpoint}: protocol 7." in text
     assert "llama.cpp decodes on this CPU in CPU mode default" in text and cpumode.cpu_name() in text
+    assert "llama.cpp devices: " in text and "a worker serves " in text
     assert "Traceback" not in out.stderr
+
+
+def test_a_visible_gpu_without_a_backend_warns(tmp_path: pathlib.Path) -> None:
+    if devices.GPU_BACKENDS.intersection(devices.backends()):
+        pytest.skip("this llama.cpp build has a GPU backend")
+    (tmp_path / "dri").mkdir()
+    (tmp_path / "dri" / "renderD128").touch()
+    (tmp_path / "kfd").touch()
+    out = doctor("--address", f"127.0.0.1:{free_port()}", env={devices.DEV_ROOT_ENV: str(tmp_path)})
+    warns = [line for line in lines_of(out) if line.startswith("[WARN] ")]
+    assert out.returncode == 0, out.stdout
+    assert len(warns) == 1, out.stdout
+    assert "a GPU is visible" in warns[0] and "kfd" in warns[0] and "render node" in warns[0], warns[0]
+    assert "built without a GPU backend" in warns[0] and "LOCALP2P_GPU=" in warns[0], warns[0]
+    assert any(line.startswith("[OK] llama.cpp devices: CPU (") for line in lines_of(out)), out.stdout
 
 
 def _cpu_line(out: subprocess.CompletedProcess[str]) -> str:

@@ -25,6 +25,7 @@ import functools
 import pathlib
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Protocol version of the llama.cpp vendored in llama-cpp-python 0.3.36 (ggml-rpc.h).
@@ -278,23 +279,26 @@ def cpu_buffer_type() -> int:
     return int(buft)
 
 
-def serve_forever(endpoint: str, cache_dir: str | None, threads: int) -> None:
-    """Run llama.cpp's rpc-server on ``endpoint`` with this machine's CPU device.
+def serve_forever(endpoint: str, cache_dir: str | None, threads: int, device_handles: Sequence[int] = ()) -> None:
+    """Run llama.cpp's rpc-server on ``endpoint`` with ``device_handles`` (default: the CPU device).
 
-    Blocks for the life of the process (the C loop never returns while it can
-    accept); meant for a dedicated child process. Returns only when the server could
-    not start (e.g. the port is taken), which the caller treats as a failure.
+    The handles come from :func:`localp2p.llama.devices.selected_handles`. Blocks for
+    the life of the process (the C loop never returns while it can accept); meant for
+    a dedicated child process. Returns only when the server could not start (e.g. the
+    port is taken), which the caller treats as a failure.
     """
     ggml, rpc = _libs()
-    cpu = ggml.ggml_backend_dev_by_type(_LIB_CPU_DEVICE_TYPE)
-    if not cpu:
-        raise RPCError("no CPU device in this ggml build")
-    devices = (ctypes.c_void_p * 1)(cpu)
+    if not device_handles:
+        cpu = ggml.ggml_backend_dev_by_type(_LIB_CPU_DEVICE_TYPE)
+        if not cpu:
+            raise RPCError("no CPU device in this ggml build")
+        device_handles = [cpu]
+    devices = (ctypes.c_void_p * len(device_handles))(*device_handles)
     rpc.ggml_backend_rpc_start_server(
         endpoint.encode(),
         cache_dir.encode() if cache_dir else None,
         threads,
-        1,
+        len(device_handles),
         devices,
     )
 

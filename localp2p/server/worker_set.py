@@ -21,6 +21,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from localp2p.llama.burst import RpcBurstFraming
+from localp2p.llama.devices import announced_devices
 from localp2p.logs import get_logger
 from localp2p.p2p.auth import AuthError, AuthGate
 from localp2p.p2p.discovery import Candidate
@@ -66,6 +67,8 @@ class Worker:
     memory_free: int = 0
     memory_total: int = 0
     rpc_protocol: str = ""
+    #: The ggml devices its rpc-server serves, as it announced them (Device.as_dict()).
+    devices: list[dict[str, Any]] = field(default_factory=list)
     rtt_ms: float | None = None
     #: How the server is connected to it: "direct", "hole-punched" or "relayed" (None: not connected).
     link: str | None = None
@@ -90,6 +93,7 @@ class Worker:
             "memory_free": self.memory_free,
             "memory_total": self.memory_total,
             "rpc_protocol": self.rpc_protocol,
+            "devices": [dict(d) for d in self.devices],
             "rtt_ms": self.rtt_ms,
             "link": self.link,
             "relay": self.relay,
@@ -295,6 +299,7 @@ class WorkerAttacher:
         worker.memory_free = int(hello.extra.get("memory_free", 0) or 0)
         worker.memory_total = int(hello.extra.get("memory_total", 0) or 0)
         worker.rpc_protocol = str(hello.extra.get("rpc_protocol", ""))
+        worker.devices = announced_devices(hello.extra.get("devices"))
         worker.last_seen = time.time()
         return worker
 

@@ -16,7 +16,7 @@ from localp2p.p2p.liveness import PING_PROTOCOL, ping_handler
 from localp2p.p2p.network import Network, P2PSettings, discard_candidates, run_network
 from localp2p.p2p.node import P2PNode
 from localp2p.p2p.tunnel import TUNNEL_PROTOCOL, Admission, tunnel_handler
-from localp2p.worker.rpc_server import RpcServerSpec, supervise_rpc_server
+from localp2p.worker.rpc_server import RpcServerSpec, devices_text, probe_devices, supervise_rpc_server
 
 log = get_logger("worker")
 
@@ -31,11 +31,13 @@ async def run_static_worker(spec: RpcServerSpec, *, task_status: trio.TaskStatus
             address=spec.host,
         )
     check_port_free(spec.host, spec.port)
+    devices = await probe_devices(spec)
     async with trio.open_nursery() as nursery:
         info = await nursery.start(supervise_rpc_server, spec)
         ready = (
             f"localp2p worker ready: endpoint={spec.endpoint} rpc-protocol={info.version_text} "
-            f"memory-free-mib={info.memory_free >> 20} cpu-mode={spec.cpu_mode.value} cache={info.cache_dir or 'off'}"
+            f"memory-free-mib={info.memory_free >> 20} cpu-mode={spec.cpu_mode.value} cache={info.cache_dir or 'off'} "
+            f"devices={devices_text(devices)}"
         )
         print(ready, flush=True)
         task_status.started(ready)
@@ -46,6 +48,7 @@ async def run_p2p_worker(
     threads: int = 0,
     cache_dir: str | None = None,
     cpu_mode: CpuMode = CpuMode.DEFAULT,
+    devices: tuple[str, ...] = (),
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -53,9 +56,12 @@ async def run_p2p_worker(
 
     The rpc-server listens on 127.0.0.1 only, on a port chosen here; the only way in
     is a tunnel stream from an authenticated server (one server at a time). Prints
-    one ready line on stdout.
+    one ready line on stdout. ``devices``: the ggml devices to serve (``--device``).
     """
-    spec = RpcServerSpec(host="127.0.0.1", port=free_port(), threads=threads, cache_dir=cache_dir, cpu_mode=cpu_mode)
+    spec = RpcServerSpec(
+        host="127.0.0.1", port=free_port(), threads=threads, cache_dir=cache_dir, cpu_mode=cpu_mode, devices=devices
+    )
+    served = await probe_devices(spec)
     async with trio.open_nursery() as nursery:
         info = await nursery.start(supervise_rpc_server, spec)
         hello = {
@@ -63,6 +69,7 @@ async def run_p2p_worker(
             "rpc_protocol": info.version_text,
             "memory_free": info.memory_free,
             "memory_total": info.memory_total,
+            "devices": [d.as_dict() for d in served],
         }
         admission = Admission()
 
@@ -80,7 +87,7 @@ async def run_p2p_worker(
         ready = (
             f"localp2p worker ready: peer={network.node.peer_id} network={p2p.token.network_id} "
             f"rpc-protocol={info.version_text} memory-free-mib={info.memory_free >> 20} cpu-mode={cpu_mode.value} "
-            f"addrs={','.join(str(a) for a in network.node.p2p_addrs())}"
+            f"devices={devices_text(served)} addrs={','.join(str(a) for a in network.node.p2p_addrs())}"
         )
         print(ready, flush=True)
         task_status.started(ready)

@@ -7,6 +7,7 @@ and a crash in it must not take the worker's p2p node down.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from localp2p import cpumode
 from localp2p.cpumode import CpuMode
 from localp2p.errors import StartupError
 from localp2p.llama import rpc
+from localp2p.llama.devices import Device
 from localp2p.logs import get_logger
 from localp2p.procutil import (
     HEALTHY_AFTER,
@@ -45,6 +47,8 @@ class RpcServerSpec:
     threads: int = 0
     cache_dir: str | None = None
     cpu_mode: CpuMode = CpuMode.DEFAULT
+    #: ggml device names to serve (``--device``); empty: every GPU, else the CPU.
+    devices: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -55,7 +59,37 @@ class RpcServerSpec:
         args = [self.endpoint, "--threads", str(self.threads or os.cpu_count() or 1)]
         if self.cache_dir and cache:
             args += ["--cache-dir", self.cache_dir]
+        for name in self.devices:
+            args += ["--device", name]
         return python_module_argv("localp2p.worker.rpc_child", *args)
+
+
+async def probe_devices(spec: RpcServerSpec) -> list[Device]:
+    """The ggml devices ``spec``'s rpc-server will serve, with their memory.
+
+    Read by a short-lived child (``python -m localp2p.llama.devices``), as the rpc-server
+    child will choose them, so a GPU driver that crashes takes the child down, not the
+    worker. Logs the warning for a GPU that this build cannot use. Raises StartupError
+    for an unknown ``--device`` (naming the devices there are) or a child that fails.
+    """
+    argv = python_module_argv("localp2p.llama.devices", *[arg for name in spec.devices for arg in ("--device", name)])
+    with trio.fail_after(RPC_SERVER_START_TIMEOUT):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    try:
+        answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = done.stderr.decode(errors="replace").strip()[-300:]
+        raise StartupError(f"could not list llama.cpp's devices (exit code {done.returncode}): {tail}") from None
+    if answer.get("error"):
+        raise StartupError(f"--device: {answer['error']}")
+    if answer.get("warning"):
+        log.warning(answer["warning"])
+    return [d for d in map(Device.from_dict, answer.get("devices") or []) if d is not None]
+
+
+def devices_text(devices: list[Device]) -> str:
+    """``Vulkan0(GPU,8192MiB),CPU(CPU,32000MiB)``: the ready line's ``devices=`` value (total memory)."""
+    return ",".join(f"{d.name}({d.kind},{d.memory_total >> 20}MiB)" for d in devices) or "none"
 
 
 async def _wait_rpc_ready(process: trio.Process, endpoint: str) -> rpc.ServerInfo:
