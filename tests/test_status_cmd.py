@@ -128,7 +128,8 @@ def test_render_shows_workers_load_progress_and_recent_requests() -> None:
             "network_id": "3f2a9c0d11b4e7a2",
             "node": {"peer_id": peer},
             "workers": [{"peer_id": peer, "name": "box-b", "state": "online", "online": True, "memory_free": 1 << 30,
-                         "memory_total": 2 << 30, "layers": 20, "bytes_sent": 3 << 20, "bytes_received": 1 << 10}],
+                         "memory_total": 2 << 30, "layers": 20, "bytes_sent": 3 << 20, "bytes_received": 1 << 10,
+                         "devices": [{"name": "CUDA0", "kind": "GPU"}, {"name": "CPU", "kind": "CPU"}]}],
         },
     }
     text = render(data)
@@ -138,6 +139,7 @@ def test_render_shows_workers_load_progress_and_recent_requests() -> None:
     assert "127.0.0.1:4000  used  20 layers  2.0 GiB free of 4.0 GiB" in text
     assert "loading:  50%, 50.0 MiB of 100.0 MiB at 10.0 MiB/s, about 5 s left" in text
     assert "12D3Ko..defXYZ" in text and "box-b" in text and "sent 3.0 MiB" in text and "received 1.0 KiB" in text
+    assert "1.0 GiB free of 2.0 GiB  CUDA0 GPU+CPU  20 layers" in text
     assert "/v1/chat/completions" in text and "12+30 tok" in text and "21.4 tok/s" in text and "ttft 120 ms" in text
     # And an older server without those fields: nothing invented.
     bare = render({"url": "u", "status": {"model": "m", "backend": {"state": "ready"}}, "p2p": None})
