@@ -130,13 +130,21 @@ else
     if [ -z "$wheel" ]; then
         say "building llama-cpp-python $LLAMA_CPP_VERSION for $GPU with -DGGML_RPC=ON $GPU_CMAKE (once per machine, ~17 min on 2 cores for cpu)"
         tmp=$(mktemp -d)
+        src="llama-cpp-python==$LLAMA_CPP_VERSION"
+        vk_core="${VULKAN_SDK:-/usr}/include/vulkan/vulkan_core.h"
+        if [ "$GPU" = vulkan ] && [ -e "$vk_core" ] && ! grep -q 'define VK_EXT_layer_settings ' "$vk_core"; then
+            say "Vulkan headers older than 1.3.261 ($vk_core): building llama.cpp's source patched for them"
+            "${PIP[@]}" download -q --no-deps --no-binary llama-cpp-python "$src" -d "$tmp/sdist"
+            tar -xzf "$tmp"/sdist/llama_cpp_python-"$LLAMA_CPP_VERSION".tar.gz -C "$tmp/sdist"
+            src="$tmp/sdist/llama_cpp_python-$LLAMA_CPP_VERSION"
+            "$PY" "$ROOT/scripts/vulkan_old_headers.py" "$src"
+        fi
         # --no-binary and --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS
         # and would happily hand back a build without RPC.
         CMAKE_ARGS="-DGGML_RPC=ON $GPU_CMAKE $CMAKE_EXTRA" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-            "${PIP[@]}" wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
-            "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$tmp"
+            "${PIP[@]}" wheel --no-deps --no-cache-dir --no-binary llama-cpp-python "$src" -w "$tmp/wheel"
         mkdir -p "$slot"
-        mv "$tmp"/llama_cpp_python-*.whl "$slot"/
+        mv "$tmp"/wheel/llama_cpp_python-*.whl "$slot"/
         rm -rf "$tmp"
         wheel=$(ls "$slot"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n1)
     else

@@ -29,7 +29,8 @@ if [ ${#debs[@]} -gt 0 ]; then
 fi
 
 start=$(date +%s)
-VENV=$VULKAN_VENV LOCALP2P_GPU=vulkan PYTHON="$VENV/bin/python" bash scripts/install.sh --llama-only
+main_python=$(cd "$(dirname "$VENV/bin/python")" && pwd)/python
+VENV=$VULKAN_VENV LOCALP2P_GPU=vulkan PYTHON=$main_python bash scripts/install.sh --llama-only
 say "Vulkan build ready in $(( $(date +%s) - start )) s (the first time it is built, later runs reuse the cached wheel)"
 
 # The worker runs the main environment's Python with the Vulkan llama-cpp-python first on
