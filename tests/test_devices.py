@@ -10,7 +10,7 @@ import pytest
 
 from localp2p.llama import devices
 from localp2p.llama.devices import Device, DeviceError
-from localp2p.testing.cluster import LOCALP2P, free_port, start_worker
+from localp2p.testing.cluster import LOCALP2P, Proc, free_port, start_worker, stopped_on_error
 
 CPU = Device("CPU", "some CPU", "CPU", 8 << 30, 16 << 30)
 GPU0 = Device("Vulkan0", "a GPU", "GPU", 3 << 30, 4 << 30)
@@ -70,3 +70,19 @@ def test_worker_with_an_unknown_device_fails_in_one_line(tmp_path: pathlib.Path)
     assert done.returncode != 0
     assert len(lines) == 1, done.stderr
     assert "unknown device NoSuchGPU0" in lines[0] and "this llama.cpp build has CPU" in lines[0], lines[0]
+
+
+def test_worker_warns_when_a_gpu_is_visible_but_not_built_for(tmp_path: pathlib.Path) -> None:
+    if devices.GPU_BACKENDS.intersection(devices.backends()):
+        pytest.skip("this llama.cpp build has a GPU backend")
+    (tmp_path / "kfd").touch()
+    port = free_port()
+    env = {devices.DEV_ROOT_ENV: str(tmp_path)}
+    worker = Proc(["worker", "llama-cpp-rpc", "127.0.0.1", str(port), "--threads", "1"], tmp_path, "gpu-unused", env)
+    try:
+        with stopped_on_error(worker):
+            line = worker.wait_line("localp2p worker ready")
+        assert " devices=CPU(CPU," in line, line
+        assert "a GPU is visible (AMD (" in worker.stderr() and "built without a GPU backend" in worker.stderr()
+    finally:
+        assert worker.stop() == 0
