@@ -215,7 +215,7 @@ def _determinism(server: Server, model: BenchModel, plan: EnginePlan) -> dict[st
     alone = stream(server.http, "/v1/completions", probe)
     others = plan.streams - 1
     started = [threading.Event() for _ in range(others)]
-    bodies = [("/v1/completions", completion_body(model.name, prompt(40 + i), 4 * plan.stream_tokens)) for i in range(others)]
+    bodies = [("/v1/completions", completion_body(model.name, prompt(40 + i), 2 * plan.stream_tokens)) for i in range(others)]
     result: dict[str, Any] = {}
 
     def background() -> None:
