@@ -7,11 +7,15 @@
   router, the worker behind another (nftables masquerade, new inbound connections
   dropped); the relay is everyone's DHT bootstrap.
   - NATs that pick random ports: the link stays relayed, the answer is byte-identical.
-  - NATs that keep ports: the link is hole-punched, the answer is byte-identical.
+  - NATs that keep ports: the link is hole-punched, the answer is byte-identical; the
+    server reloads its backend so the tunnel leaves the relay, the relayed connection
+    closes, and then the relay is killed: inference goes on over the direct path, on the
+    worker, byte-identical, with no backend crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pathlib
 import time
@@ -130,13 +134,16 @@ def _answer(server: Server) -> str:
     return str(reply.json()["choices"][0]["message"]["content"])
 
 
-def _wait_link(server: Server, peer_id: str, kinds: set[str], timeout: float) -> dict[str, Any]:
+def _wait_link(server: Server, peer_id: str, kinds: set[str], timeout: float, *, relay_closed: bool = False) -> dict[str, Any]:
+    """The worker's /api/p2p entry once it is online with a link in ``kinds`` (and, with
+    ``relay_closed``, no relayed connection left, on a backend that is ready)."""
     deadline = time.monotonic() + timeout
     worker: dict[str, Any] = {}
     while time.monotonic() < deadline:
         worker = next((w for w in p2p_state(server)["workers"] if w["peer_id"] == peer_id), {})
         if worker.get("link") in kinds and worker.get("online"):
-            return worker
+            if not relay_closed or (worker.get("relay") is None and server.http.get("/api/status").json()["backend"]["ready"]):
+                return worker
         time.sleep(0.25)
     raise AssertionError(f"link of {peer_id} not in {kinds} after {timeout} s: {worker}\n{server.proc.stderr()[-3000:]}")
 
@@ -146,11 +153,13 @@ def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_po
     answer is byte-identical to local. Returns timings and the worker's final /api/p2p entry."""
     token = new_token()
     expected = _answer(local_server)
-    with nat_topology(1, [1, 1], random_ports=random_ports) as topo:
+    with nat_topology(1, [1, 1], random_ports=random_ports) as topo, contextlib.ExitStack() as procs:
         relay, bootstrap = _relay(topo, tmp_path, token)
+        procs.callback(relay.stop)
         flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
         started = time.monotonic()
         worker = p2p_worker(tmp_path, token, "ns-natted-worker", *flags, prefix=netns_prefix(topo, 2))
+        procs.callback(worker.stop)
         with netns_server(topo, 1, tmp_path, token, *flags) as server:
             peer = worker_peer_id(worker)
             state = wait_for_workers(server, [peer], timeout=90)
@@ -168,9 +177,26 @@ def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_po
                 entry = _wait_link(server, peer, {"hole-punched"}, 60)
             punched_after = time.monotonic() - started - used_after
             assert _answer(server) == expected
-        worker.stop()
-        relay.stop()
+            if not random_ports:
+                entry = _relay_killed_after_the_punch(server, relay, peer, expected)
     return {"used_after_s": round(used_after, 1), "then_punched_after_s": None if random_ports else round(punched_after, 1), "worker": entry}
+
+
+def _relay_killed_after_the_punch(server: Server, relay: Proc, peer: str, expected: str) -> dict[str, Any]:
+    """Once the tunnel left the relay (the backend reloaded, the relayed connection closed),
+    kill the relay: the answer still comes, byte-identical, from the worker, with no crash."""
+    entry = _wait_link(server, peer, {"hole-punched"}, 90, relay_closed=True)
+    before = server.http.get("/api/status").json()
+    endpoint = f"127.0.0.1:{entry['tunnel_port']}"
+    assert any(d["endpoint"] == endpoint and d["used"] for d in before["devices"]), before["devices"]
+    relay.kill()
+    assert _answer(server) == expected
+    after = server.http.get("/api/status").json()
+    moved = _wait_link(server, peer, {"hole-punched"}, 5)
+    assert after["backend"]["restarts"] == before["backend"]["restarts"], after["backend"]
+    assert any(d["endpoint"] == endpoint and d["used"] for d in after["devices"]), after["devices"]
+    assert moved["bytes_received"] > entry["bytes_received"], (entry, moved)  # the worker computed it
+    return moved
 
 
 @needs_nat

@@ -86,16 +86,19 @@ class Reloads:
 
     def __init__(self) -> None:
         self.calls: list[tuple[float, tuple[str, ...]]] = []
+        #: The calls' ``rebind``, in order.
+        self.rebinds: list[bool] = []
 
-    def request_reload(self, rpc_servers: Sequence[str]) -> None:
+    def request_reload(self, rpc_servers: Sequence[str], *, rebind: bool = False) -> None:
         self.calls.append((trio.current_time(), tuple(rpc_servers)))
+        self.rebinds.append(rebind)
 
 
 async def _follow(
-    workers: WorkerSet, changes: Sequence[tuple[float, Callable[[], Any]]], until: float = 30.0
+    workers: WorkerSet, changes: Sequence[tuple[float, Callable[[], Any]]], until: float = 30.0, reloads: Reloads | None = None
 ) -> list[tuple[float, tuple[str, ...]]]:
     """Run follow_worker_set while ``changes`` (trio time, action) happen; the reloads it requested."""
-    reloads = Reloads()
+    reloads = reloads or Reloads()
     async with trio.open_nursery() as nursery:
         await nursery.start(follow_worker_set, reloads, workers, STATIC)
         for at, change in changes:
@@ -161,5 +164,23 @@ def test_a_peer_attaching_is_waited_for() -> None:
         with workers.attaching("b"):
             calls = await _follow(workers, [(1.0, lambda: workers.set_state(a, ONLINE))])
         assert calls == [(pytest.approx(1.0 + RELOAD_DEBOUNCE), (*STATIC, "127.0.0.1:4001"))]
+
+    _run(main)
+
+
+def test_a_link_moved_off_a_relay_reloads_with_the_same_list_rebinding() -> None:
+    async def main() -> None:
+        workers = WorkerSet()
+        a = _worker(workers, "a", ONLINE, 4001)
+        b = _worker(workers, "b", BUSY, 4002)
+        reloads = Reloads()
+        calls = await _follow(
+            workers,
+            [(1.0, lambda: workers.note_upgrade(b)), (2.0, lambda: workers.note_upgrade(a)), (10.0, workers.notify)],
+            reloads=reloads,
+        )
+        # b serves another server: its upgrade is nobody's reload; a's is, with the list unchanged; later changes are plain again
+        assert calls == [(2.0, (*STATIC, "127.0.0.1:4001")), (10.0, (*STATIC, "127.0.0.1:4001"))]
+        assert reloads.rebinds == [True, False]
 
     _run(main)

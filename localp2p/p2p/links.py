@@ -15,8 +15,10 @@
 * **Hole punching**: DCUtR runs once a relay is known; a relayed connection upgraded to
   a direct one is a "hole-punched" link (:meth:`Links.link_of`). Streams opened after the
   upgrade use the direct connection; streams already open (a tunnel's rpc connections)
-  stay on the relayed one until they end, at the server's next backend reload: the
-  relayed connection is closed once idle (:class:`~localp2p.p2p._libp2p.dcutr.TunnelSafeDCUtR`).
+  stay on the relayed one until they end: the server's worker set sees the upgrade and
+  asks for a backend reload (drained first), whose rpc connections open on the direct
+  path; the relayed connection is closed once idle
+  (:class:`~localp2p.p2p._libp2p.dcutr.TunnelSafeDCUtR`).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class Link:
     """How this node is connected to one peer now."""
 
     kind: LinkKind
-    #: The relay's peer id when :attr:`kind` is RELAYED.
+    #: The relay's peer id while a relayed connection is open: the only one (RELAYED), or
+    #: the one a punched link still keeps for streams opened before the punch.
     relay: str | None = None
 
 
@@ -257,10 +260,11 @@ class Links:
         conns = self.node.host.get_network().get_connections(peer_id)
         if not conns:
             return None
+        relays = [relay_of(a) for c in conns if _is_relayed(c) for a in c.get_transport_addresses()]
+        relay = next((r for r in relays if r), None)
         if any(not _is_relayed(c) for c in conns):
-            return Link(LinkKind.HOLE_PUNCHED if peer_id in self._relayed_first else LinkKind.DIRECT)
-        relays = [relay_of(a) for c in conns for a in c.get_transport_addresses()]
-        return Link(LinkKind.RELAYED, next((r for r in relays if r), None))
+            return Link(LinkKind.HOLE_PUNCHED if peer_id in self._relayed_first else LinkKind.DIRECT, relay)
+        return Link(LinkKind.RELAYED, relay)
 
     def describe(self) -> dict[str, Any]:
         """This node's side: relay service, reachability, relays known and reserved on."""

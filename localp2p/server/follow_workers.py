@@ -2,7 +2,10 @@
 
 :func:`follow_worker_set` watches the worker set (localp2p.server.worker_set.WorkerSet)
 and asks the supervisor for a reload with the new list of rpc-servers, debounced:
-workers arriving together cause one reload, not one each.
+workers arriving together cause one reload, not one each. A worker whose link moved from
+a relay to a direct path (a hole punch) asks for a reload with the same list: the new
+backend process opens its rpc connections afresh, on the direct path (see
+localp2p.p2p.links).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class WorkerSource(Protocol):
     """What the supervisor reads from the worker set (see localp2p.server.worker_set.WorkerSet)."""
 
     version: int
+    #: Times a live worker's link moved from a relay to a direct path.
+    upgrades: int
 
     async def wait_changed(self, seen_version: int) -> int: ...
 
@@ -35,7 +40,7 @@ class WorkerSource(Protocol):
 class ReloadTarget(Protocol):
     """What takes the reloads (see localp2p.server.supervisor.BackendSupervisor.request_reload)."""
 
-    def request_reload(self, rpc_servers: Sequence[str]) -> None: ...
+    def request_reload(self, rpc_servers: Sequence[str], *, rebind: bool = False) -> None: ...
 
 
 async def follow_worker_set(
@@ -50,10 +55,12 @@ async def follow_worker_set(
     After a change, waits for RELOAD_DEBOUNCE s without another change (at most
     RELOAD_DEBOUNCE_MAX s from the first), unless the set is settled; then requests one
     reload with ``static_servers`` (LLAMACPP_GRPC_SERVERS) followed by the live workers'
-    tunnel endpoints. Changes before ``task_status.started()`` are not seen. Runs until
-    cancelled; raises nothing of its own.
+    tunnel endpoints, with ``rebind`` when a worker's link was upgraded meanwhile (the
+    backend restarts even if the list is the same, so the tunnel moves to the direct path).
+    Changes before ``task_status.started()`` are not seen. Runs until cancelled; raises
+    nothing of its own.
     """
-    seen = workers.version
+    seen, upgrades = workers.version, workers.upgrades
     task_status.started()
     while True:
         seen = await workers.wait_changed(seen)
@@ -63,4 +70,5 @@ async def follow_worker_set(
                 seen = await workers.wait_changed(seen)
             if quiet.cancelled_caught:
                 break
-        supervisor.request_reload((*static_servers, *workers.endpoints()))
+        supervisor.request_reload((*static_servers, *workers.endpoints()), rebind=workers.upgrades != upgrades)
+        upgrades = workers.upgrades

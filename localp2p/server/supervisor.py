@@ -142,6 +142,9 @@ class BackendSupervisor:
         self._reload = trio.Event()
         #: Set when a reload is requested that adds an rpc-server the current process lacks.
         self._joined = trio.Event()
+        #: Set by a reload request with ``rebind``: the next reload happens even when the
+        #: running process already serves exactly the wanted rpc-servers.
+        self._rebind = False
         #: The rpc-servers the current process was started with (and registered): what its
         #: loads must name. ``status.rpc_servers`` is what it runs on, which is less once
         #: servers it skipped as unreachable have left the worker set (see _watch_reload).
@@ -201,12 +204,22 @@ class BackendSupervisor:
         """The rpc-servers a model loads on: its YAML ``rpc_servers``, else the cluster's."""
         return self.models[model].rpc_servers or self._rpc_servers
 
-    def request_reload(self, rpc_servers: Sequence[str]) -> None:
+    def request_reload(self, rpc_servers: Sequence[str], *, rebind: bool = False) -> None:
         """Restart the backend with another list of rpc-servers once in-flight requests end
-        (at once when the process is still loading and the list gained a worker)."""
+        (at once when the process is still loading and the list gained a worker).
+
+        ``rebind``: restart even when the list is the same, because a tunnel has a better
+        path now (a worker's link moved from a relay to a direct one): the connections the
+        running process opened stay on the old path until it ends; the next one's open on
+        the new path. A process still loading stops at once (its load crosses the relay).
+        """
         self._rpc_servers = tuple(rpc_servers)
         wanted = self.servers_for(self._target)
-        if wanted != self.status.rpc_servers:
+        if rebind and set(wanted) & set(self.status.rpc_servers):
+            self._rebind = True
+            self._reload.set()
+            self._joined.set()
+        elif wanted != self.status.rpc_servers:
             self._reload.set()
             if set(wanted) - set(self.status.rpc_servers):
                 self._joined.set()
@@ -275,6 +288,7 @@ class BackendSupervisor:
         env[RPC_SERVERS_ENV] = ",".join(self.status.rpc_servers)
         self._reload = trio.Event()
         self._joined = trio.Event()
+        self._rebind = False  # this process opens its rpc connections afresh
         self._set_starting(BackendState.STARTING)
         process = await start_child(python_module_argv("backends.llama_cpp", "--addr", f"unix:{socket_path}"), env)
         self.status.pid = process.pid
@@ -286,7 +300,8 @@ class BackendSupervisor:
                 await self._load(client, self._target)
             elif not await self._load_unless_joined(client):
                 log.info(
-                    "a worker joined during the load; reloading at once", rpc_servers=list(self.servers_for(self._target))
+                    "a worker joined (or its link moved off a relay) during the load; reloading at once",
+                    rpc_servers=list(self.servers_for(self._target)),
                 )
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()  # its load is worth nothing now; SIGTERM would wait for it
@@ -472,7 +487,7 @@ class BackendSupervisor:
         on exactly the wanted rpc-servers. It is when the only ones it lacks are those it
         skipped as unreachable at its start and that have left the wanted list since (a
         backend restarted after a crash, before the dead worker was dropped from the set)."""
-        if self.status.model != self._target:
+        if self.status.model != self._target or self._rebind:
             return False
         used = tuple(str(d["endpoint"]) for d in self.status.devices if d["used"])
         return used == self.servers_for(self._target)
@@ -493,7 +508,12 @@ class BackendSupervisor:
                 rpc_servers=list(self.servers_for(self._target)),
             )
             self._reload = trio.Event()
-        log.info("reloading backend", rpc_servers=list(self.status.rpc_servers), in_flight=self.admission.in_flight)
+        log.info(
+            "reloading backend",
+            rpc_servers=list(self.status.rpc_servers),
+            in_flight=self.admission.in_flight,
+            reason="a link moved off a relay" if self._rebind else "worker set or model changed",
+        )
         self._set_ready(False, BackendState.DRAINING)
         with trio.move_on_after(DRAIN_TIMEOUT) as drain:
             await self.admission.wait_idle()

@@ -72,7 +72,8 @@ class Worker:
     rtt_ms: float | None = None
     #: How the server is connected to it: "direct", "hole-punched" or "relayed" (None: not connected).
     link: str | None = None
-    #: The relay's peer id while :attr:`link` is "relayed".
+    #: The relay's peer id while a relayed connection to it is open: :attr:`link` is
+    #: "relayed", or "hole-punched" while streams opened before the punch still use it.
     relay: str | None = None
     stats: TunnelStats = field(default_factory=TunnelStats)
 
@@ -110,6 +111,8 @@ class WorkerSet:
         self._workers: dict[str, Worker] = {}
         self._changed = trio.Event()
         self.version = 0
+        #: Times a live worker's link moved from a relay to a direct path (see :meth:`note_upgrade`).
+        self.upgrades = 0
         #: Peers not in the set yet whose first attach is under way (see :meth:`attaching`).
         self._attaching: set[str] = set()
 
@@ -159,6 +162,13 @@ class WorkerSet:
         self.version += 1
         self._changed.set()
         self._changed = trio.Event()
+
+    def note_upgrade(self, worker: Worker) -> None:
+        """``worker``'s link moved from a relay to a direct path: its tunnel's open connections
+        stay on the relay until the backend reopens them (follow_worker_set asks for that)."""
+        if worker.state == ONLINE:
+            self.upgrades += 1
+            self.notify()
 
     async def wait_changed(self, seen_version: int) -> int:
         """Return the version once it differs from ``seen_version``."""
@@ -346,11 +356,14 @@ class WorkerAttacher:
         relay = link.relay if link is not None else None
         if (kind, relay) == (worker.link, worker.relay):
             return False
-        changed = worker.link is not None
-        if changed:
-            log.info("worker link changed", peer_id=worker.peer_id, name=worker.name, link=kind, relay=relay, was=worker.link)
+        was = worker.link
         worker.link, worker.relay = kind, relay
-        return changed
+        if was is None:
+            return False
+        log.info("worker link changed", peer_id=worker.peer_id, name=worker.name, link=kind, relay=relay, was=was)
+        if was == "relayed" and kind in ("direct", "hole-punched"):
+            self.workers.note_upgrade(worker)
+        return True
 
     async def _watch(self, pinger: Pinger, worker: Worker) -> None:
         """Ping until MAX_MISSED answers in a row are missing; keep the state current."""

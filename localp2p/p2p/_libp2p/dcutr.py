@@ -15,7 +15,9 @@ Upstream behaviour they fix (notes/libp2p.md, "Relays and hole punching"):
   relayed connection once a 60 s grace is over, streams or not. A tunnel's streams live
   as long as the backend keeps its rpc connections open (until the next reload), and
   closing them fails requests. :class:`TunnelSafeDCUtR` closes it only once it carries
-  no stream.
+  no stream, checked every :data:`IDLE_CHECK_INTERVAL` s from the punch on (no grace:
+  streams opened after the punch go to the direct connection already, and the stream
+  check keeps the old ones), so a relay can go away soon after a tunnel left it.
 
 Relies on ``dcutr._local_tcp_listen_addrs(host)`` returning ``(family, ip, port)``
 tuples, and on ``DCUtRProtocol._close_relayed_conns_after_grace(peer_id, grace)``
@@ -34,7 +36,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2 import dcutr
-from libp2p.relay.circuit_v2.dcutr import RELAY_CLOSE_GRACE_PERIOD, DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
 __all__ = ["IDLE_CHECK_INTERVAL", "TunnelSafeDCUtR", "install"]
 
@@ -70,7 +72,7 @@ def _is_relayed(conn: Any) -> bool:
 class TunnelSafeDCUtR(DCUtRProtocol):
     """DCUtR that closes a peer's relayed connection only once no stream uses it."""
 
-    async def _close_relayed_conns_after_grace(self, peer_id: ID, grace: float = RELAY_CLOSE_GRACE_PERIOD) -> None:
+    async def _close_relayed_conns_after_grace(self, peer_id: ID, grace: float = IDLE_CHECK_INTERVAL) -> None:
         await trio.sleep(grace)
         while True:
             if not await self._verify_direct_connection(peer_id):
