@@ -11,7 +11,7 @@ import pathlib
 from dataclasses import asdict
 from typing import Any
 
-from . import engine
+from . import engine, nat
 from .generation import CONFIGS, LABELS
 from .stats import ratio
 from .table import Row, fmt, goal_row, mm
@@ -280,6 +280,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             )
         )
     rows += engine.rows(sections.get("engine"))
+    rows += nat.rows(sections.get("nat"))
     return rows
 
 

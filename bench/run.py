@@ -13,6 +13,7 @@ Sections (each a set of rows in one table, ratios measured in the same run):
 6. cpu modes  bench.cpumodes   llama.cpp CPU modes (default, safe, amx on AMX CPUs): prompt and generation tok/s
 7. engine     bench.engine     localp2p vs llama.cpp's llama-server (bench.llama_server builds it once): single
                                stream, 8 concurrent streams, multi-turn chat, determinism; local and 2 workers
+8. nat        bench.nat        a worker through two NATs (netns, nftables; root): relayed and hole-punched ÷ LAN
 
 Every process started is stopped at the end, on failure and on Ctrl-C (bench.procs).
 A section that fails is reported as ERROR in the table; the others still run.
@@ -37,7 +38,7 @@ from typing import Any
 
 from localp2p.llama.rpc import PROTOCOL_VERSION
 
-from . import cpumodes, discovery, engine, generation, link, models, report
+from . import cpumodes, discovery, engine, generation, link, models, nat, report
 from .procs import ROOT, Procs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -142,7 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.cpu_count() or 2,
         help="threads of both servers and of each worker in the engine section (default: all cores, as issue 14 measured)",
     )
-    parser.add_argument("--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine"])
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine", "nat"]
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                     engine_models.append((one_b, dataclasses.replace(eplan, rounds=1, single_reps=2, bursts=1, stream_tokens=32)))
             for model, model_plan in engine_models:
                 results["sections"]["engine"][model.key] = section(f"engine {model.key}", engine.run, procs, model, model_plan, log)
+
+        if "nat" not in args.skip:
+            log("8. nat: a worker on the LAN, relayed, hole-punched (network namespaces, nftables)")
+            results["sections"]["nat"] = section("nat", nat.run, procs, models.smollm2(), nat.NatPlan(reps=3 if quick else 5), log)
 
     results["machine"]["loadavg_end"] = _loadavg()
     results["wall_s"] = time.monotonic() - started

@@ -35,15 +35,15 @@ from localp2p.testing.cluster import (
     Proc,
     Server,
     netns_prefix,
+    netns_relay,
     netns_server,
     new_token,
     p2p_state,
     p2p_worker,
-    stopped_on_error,
     wait_for_workers,
     worker_peer_id,
 )
-from localp2p.testing.netns import Topology, nat_topology, nat_unavailable_reason
+from localp2p.testing.netns import nat_topology, nat_unavailable_reason
 
 CHAT = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}], "temperature": 0, "max_tokens": 48}
 
@@ -113,21 +113,6 @@ async def _token_holders_only(tmp_path: pathlib.Path) -> None:
 needs_nat = pytest.mark.skipif(nat_unavailable_reason() is not None, reason=f"NAT topology: {nat_unavailable_reason()}")
 
 
-def _relay(topo: Topology, log_dir: pathlib.Path, token: str) -> tuple[Proc, str]:
-    """`localp2p relay` on host 0 (the internet); returns it and its bootstrap address."""
-    proc = Proc(
-        ["relay", "--p2p-no-mdns", "--state-dir", str(log_dir / "state-relay"), "--node-name", "relay"],
-        log_dir,
-        "ns-relay",
-        {"TOKEN": token},
-        prefix=netns_prefix(topo, 0),
-    )
-    with stopped_on_error(proc):
-        line = proc.wait_line("localp2p relay ready")
-    addrs = line.split("addrs=", 1)[1].split(",")
-    return proc, next(a for a in addrs if f"/ip4/{topo.hosts[0].ip}/" in a)
-
-
 def _answer(server: Server) -> str:
     reply = server.http.post("/v1/chat/completions", json=CHAT, timeout=120)
     assert reply.status_code == 200, reply.text
@@ -154,7 +139,7 @@ def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_po
     token = new_token()
     expected = _answer(local_server)
     with nat_topology(1, [1, 1], random_ports=random_ports) as topo, contextlib.ExitStack() as procs:
-        relay, bootstrap = _relay(topo, tmp_path, token)
+        relay, bootstrap = netns_relay(topo, 0, tmp_path, token)
         procs.callback(relay.stop)
         flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
         started = time.monotonic()

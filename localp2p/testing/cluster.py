@@ -486,6 +486,22 @@ def netns_server(topo: Any, i: int, log_dir: pathlib.Path, token: str, *flags: s
         forward.close()
 
 
+def netns_relay(topo: Any, i: int, log_dir: pathlib.Path, token: str, prefix: Sequence[str] = ()) -> tuple[Proc, str]:
+    """`localp2p relay` in host ``i`` of a netns topology (``prefix`` before its ``ip netns
+    exec``); returns it, once ready, and its address on the host's IP as a bootstrap multiaddr."""
+    proc = Proc(
+        ["relay", "--p2p-no-mdns", "--state-dir", str(log_dir / "state-relay"), "--node-name", "relay"],
+        log_dir,
+        "ns-relay",
+        {"TOKEN": token},
+        prefix=[*prefix, *netns_prefix(topo, i)],
+    )
+    with stopped_on_error(proc):
+        line = proc.wait_line("localp2p relay ready")
+    addrs = line.split("addrs=", 1)[1].split(",")
+    return proc, next(a for a in addrs if f"/ip4/{topo.hosts[i].ip}/" in a)
+
+
 def worker_peer_id(worker: Proc) -> str:
     line = next(line for line in worker.stdout if line.startswith("localp2p worker ready"))
     return line.split("peer=", 1)[1].split()[0]
