@@ -16,7 +16,7 @@ test-unit:
 	$(PY) -m pytest -q tests/test_unit_*.py
 
 # llama.cpp's Vulkan backend on Mesa's software driver (lavapipe), no GPU needed: builds the
-# Vulkan llama-cpp-python once (~N min on 2 cores, cached) into .venv-vulkan, then checks a
+# Vulkan llama-cpp-python once (~30 min on 2 cores, cached) into .venv-vulkan, then checks a
 # worker on it reports the Vulkan device and answers as the CPU does (see README "GPUs").
 test-gpu:
 	VENV=$(VENV) bash scripts/test-gpu.sh
