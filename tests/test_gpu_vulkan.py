@@ -17,7 +17,8 @@ import pytest
 from localp2p.testing.cluster import Proc, Server, free_port, start_server, start_worker, stopped_on_error
 
 SITE = os.environ.get("LOCALP2P_VULKAN_SITE")
-pytestmark = pytest.mark.skipif(not SITE, reason="needs the Vulkan build: `make test-gpu`")
+#: lavapipe runs the layers on the CPU through LLVM: the answers test takes ~3 min on 2 busy cores.
+pytestmark = [pytest.mark.skipif(not SITE, reason="needs the Vulkan build: `make test-gpu`"), pytest.mark.timeout(900)]
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper and a storm.",
