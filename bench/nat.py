@@ -11,9 +11,15 @@ the server behind NAT router A, and one worker (``--threads 1``, no ``--cache-di
                hole-punched; measured once the tunnel moved (the backend reloaded onto the
                direct path and the relayed connection closed)
 
-The server is started and ready first (the model loaded locally), then the worker:
+The worker is started first; once it holds its reservation on the relay (its log line
+"reserved on relay", about 2 s), the server (ready once its model is loaded locally), as in
+tests/test_p2p_relay.py. Why not the server first: a server that finds the worker before the
+worker has reserved makes a relayed dial that fails, and in two bench runs every relayed
+dial between the two after that failed too (Noise handshake failed at the worker): the
+worker was never used. A known bug, not fixed yet (see notes/libp2p.md).
 
 * ``used_s``    worker process start -> the backend holds layers on it and a request answered
+                (the wait for its reservation and the server's own start included)
 * ``moved_s``   (punched) worker start -> hole-punched, relayed connection closed, backend ready
 * ``load_s``    the backend's time for the load on the measured path (every worker weight crosses it)
 * ``gen_tok_s`` streamed greedy ``/v1/completions`` (one warm-up, then ``reps``), (N - 1) ÷ (last - first token)
@@ -119,18 +125,20 @@ def one(procs: Procs, model: BenchModel, plan: NatPlan, name: str) -> dict[str, 
         relay, bootstrap = cluster.netns_relay(topo, 0, log_dir, token, prefix=PDEATHSIG)
         procs.track(relay)
         flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
+        started = time.monotonic()
+        worker = cluster.p2p_worker(
+            log_dir, token, f"nat-{name}-worker", *flags, prefix=[*PDEATHSIG, *cluster.netns_prefix(topo, 2)], wait=False
+        )
+        procs.track(worker)
+        worker.wait_stderr("reserved on relay", timeout=plan.timeout)
         with cluster.netns_server(topo, 1, log_dir, token, *flags, *model.server_args()) as server:
-            started = time.monotonic()
-            worker = cluster.p2p_worker(
-                log_dir, token, f"nat-{name}-worker", *flags, prefix=[*PDEATHSIG, *cluster.netns_prefix(topo, 2)], wait=False
-            )
-            procs.track(worker)
             used_s = _until("used", lambda: _used(server, model), started, plan.timeout, worker)
             moved_s = _until(f"on the {link} path", lambda: _on_path(server, link), started, plan.timeout, worker)
             status = server.http.get("/api/status").json()
-            runs = [derive(stream_once(server, model.name, prompt(rep), plan.max_tokens), plan.max_tokens) for rep in range(plan.reps + 1)][
-                1:
-            ]
+            stream_once(server, model.name, prompt(0), plan.max_tokens)  # warm-up
+            runs = []
+            for rep in range(1, plan.reps + 1):
+                runs.append(derive(stream_once(server, model.name, prompt(rep), plan.max_tokens), plan.max_tokens))
             entry = _worker(server) or {}
             if entry.get("link") != link:
                 raise RuntimeError(f"the link changed during the measurement: {entry}")
@@ -154,7 +162,12 @@ def run(procs: Procs, model: BenchModel, plan: NatPlan, log: Any = print) -> dic
         return {"skipped": reason}
     out: dict[str, Any] = {}
     for name in CONFIGS:
-        r = out[name] = one(procs, model, plan, name)
+        try:
+            r = out[name] = one(procs, model, plan, name)
+        except Exception as exc:  # one configuration failing must not hide the others
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            log(f"  {name} FAILED: {out[name]['error']}")
+            continue
         moved = f", moved to the punched path {r['moved_s']:.1f} s" if r["moved_s"] is not None else ""
         log(
             f"  {name}: used {r['used_s']:.1f} s{moved}, first load {r['load_s']:.2f} s, "
@@ -176,42 +189,37 @@ def rows(nat: dict[str, Any] | None) -> list[Row]:
         return [Row(layer, "relay / hole punch through two NATs", f"skipped: {nat['skipped']}")]
     if "error" in nat:
         return [Row(layer, "relay / hole punch through two NATs", nat["error"][:160], result="ERROR")]
+    done = {name: nat[name] for name in LABELS if "error" not in nat.get(name, {"error": ""})}
     out = []
     for name, label in LABELS.items():
-        r = nat[name]
+        r = nat.get(name, {"error": "not measured"})
+        if name not in done:
+            out.append(Row(layer, label, r["error"][:160], result="ERROR"))
+            continue
         mib = f", {r['load_network_mib']:.0f} MiB to the worker" if r.get("load_network_mib") else ""
-        out.append(
-            Row(
-                layer, label, f"gen {mm(r['gen_tok_s'], 'tok/s')} · first load {fmt(r['load_s'], 's')}{mib} · ping {fmt(r['rtt_ms'], 'ms')}"
-            )
-        )
-    lan = nat["lan"]
-    for name in ("relayed", "punched"):
-        r = nat[name]
-        gen = ratio(r["gen_tok_s"], lan["gen_tok_s"])
-        load = ratio({"median": r["load_s"]}, {"median": lan["load_s"]})
-        text = f"gen {_g(gen)} · first load {_g(load)}"
+        value = f"gen {mm(r['gen_tok_s'], 'tok/s')} · first load {fmt(r['load_s'], 's')}{mib} · ping {fmt(r['rtt_ms'], 'ms')}"
+        out.append(Row(layer, label, value))
+    for name in [n for n in ("relayed", "punched") if n in done and "lan" in done]:
+        gen = ratio(done[name]["gen_tok_s"], done["lan"]["gen_tok_s"])
+        load = ratio({"median": done[name]["load_s"]}, {"median": done["lan"]["load_s"]})
+        measurement = f"{name} ÷ LAN: generation tok/s, first-load time"
         out.append(
             Row(
                 layer,
-                f"{name} ÷ LAN: generation tok/s, first-load time",
-                ratio=text,
+                measurement,
+                ratio=f"gen {_g(gen)} · first load {_g(load)}",
                 chart="ratio",
                 number=gen,
                 label=f"NAT: {name} ÷ LAN, gen tok/s",
             )
         )
-    for name in ("relayed", "punched"):
-        used = nat[name]["used_s"]
-        goal = f"≤ {USED_GOAL_S:.0f} s"
-        out.append(
-            goal_row(
-                layer, f"{name}: worker start → used (through NAT, first load included)", fmt(used, "s"), used, USED_GOAL_S, False, goal
-            )
-        )
-    moved = nat["punched"]["moved_s"]
-    out.append(
-        Row(layer, "punched: worker start → tunnel on the punched path (backend reloaded, relay connection closed)", fmt(moved, "s"))
-    )
-    out.append(Row(layer, "LAN: worker start → used (baseline)", fmt(lan["used_s"], "s")))
+    for name in [n for n in ("relayed", "punched") if n in done]:
+        used = done[name]["used_s"]
+        measurement = f"{name}: worker start → used (through NAT, first load included)"
+        out.append(goal_row(layer, measurement, fmt(used, "s"), used, USED_GOAL_S, False, f"≤ {USED_GOAL_S:.0f} s"))
+    if "punched" in done:
+        moved = fmt(done["punched"]["moved_s"], "s")
+        out.append(Row(layer, "punched: worker start → tunnel on the punched path (backend reloaded, relay connection closed)", moved))
+    if "lan" in done:
+        out.append(Row(layer, "LAN: worker start → used (baseline)", fmt(done["lan"]["used_s"], "s")))
     return out
