@@ -7,6 +7,7 @@ accepting, lets running calls finish for a moment, and exits 0.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--addr", required=True, help="gRPC listen address, e.g. unix:/tmp/b.sock or 127.0.0.1:50051")
     args = parser.parse_args(argv)
     die_with_parent()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack to stderr
     configure_logging(process="backend")
     log = get_logger("backend")
     mode, extra_bufts = enter_cpu_mode(log)
