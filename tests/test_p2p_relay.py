@@ -145,6 +145,9 @@ def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_po
         started = time.monotonic()
         worker = p2p_worker(tmp_path, token, "ns-natted-worker", *flags, prefix=netns_prefix(topo, 2))
         procs.callback(worker.stop)
+        # The server starts once the worker holds its reservation: a relayed dial before it can
+        # leave the pair unable to connect (README "Across the internet", known issue; issue 17).
+        worker.wait_stderr("reserved on relay", timeout=60)
         with netns_server(topo, 1, tmp_path, token, *flags) as server:
             peer = worker_peer_id(worker)
             state = wait_for_workers(server, [peer], timeout=90)
