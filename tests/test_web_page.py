@@ -102,6 +102,8 @@ def test_p2p_page_shows_network_and_workers(tmp_path: pathlib.Path, page: Page) 
         layers = int(card.locator(".layers").inner_text())
         assert layers > 0
         assert layers == p2p_state(server)["workers"][0]["layers"]
+        # The worker's ggml devices (issue 20): this CPU build serves the CPU.
+        assert card.locator(".devices").inner_text().startswith("CPU (CPU, ")
         assert card.get_attribute("data-state") == "online"
         # Bytes went through the tunnel (the weights), and the page says so in units.
         assert card.locator(".bytes-sent").inner_text().endswith(("KiB", "MiB", "GiB"))

@@ -121,6 +121,8 @@ function renderWorkers(p2p) {
       memoryBar(w.memory_free, w.memory_total),
       el("dl", {className: "stats"},
         el("dt", {}, "layers"), el("dd", {className: "layers"}, String(w.layers ?? 0)),
+        el("dt", {}, "devices"), el("dd", {className: "devices"},
+          (w.devices || []).map((d) => d.name + " (" + d.kind + ", " + fmtBytes(d.memory_total) + ")").join(", ") || "—"),
         el("dt", {}, "sent"), el("dd", {className: "bytes-sent"}, fmtBytes(w.bytes_sent)),
         el("dt", {}, "received"), el("dd", {className: "bytes-received"}, fmtBytes(w.bytes_received)),
         el("dt", {}, "rtt"), el("dd", {className: "rtt"}, typeof w.rtt_ms === "number" ? fmtNumber(w.rtt_ms, 1) + " ms" : "—"),
