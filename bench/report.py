@@ -319,6 +319,8 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"llama-cpp-python {m['llama_cpp_python']} · llama.cpp RPC protocol {m['rpc_protocol']} · "
         f"git {m['git']} · load average {m['loadavg_start']} → {m['loadavg_end']} · wall {results['wall_s']:.0f} s",
         "",
+        f"llama.cpp build's devices (every row's prompt and generation tok/s are theirs): {m.get('devices', 'not recorded')}",
+        "",
         f"Threads: server and in-process `--threads {results['threads']}`, workers `--threads {results['worker_threads']}`, "
         "the same everywhere (default: half the cores, llama-cpp-python's own default, so the Python layers under test "
         "- HTTP, gRPC, tunnel relays - are not fighting llama.cpp's thread barriers for the cores). "

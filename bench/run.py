@@ -61,6 +61,16 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+def _devices() -> str:
+    """The ggml devices of the llama.cpp build the bench runs (every row runs on them)."""
+    try:
+        from localp2p.llama.devices import list_devices  # noqa: PLC0415 - loads ggml
+
+        return ", ".join(f"{d.name} ({d.kind}, {d.memory_total / 2**30:.0f} GiB)" for d in list_devices()) or "none"
+    except (OSError, AttributeError) as exc:
+        return f"unknown ({exc})"
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -96,6 +106,7 @@ def machine_info() -> dict[str, Any]:
         "llama_cpp_python": importlib.metadata.version("llama_cpp_python"),
         "libp2p": importlib.metadata.version("libp2p"),
         "rpc_protocol": ".".join(map(str, PROTOCOL_VERSION)),
+        "devices": _devices(),
         "git": commit,
         "loadavg_start": _loadavg(),
     }
