@@ -97,7 +97,7 @@ def test_low_disk_starts_the_rpc_server_without_the_cache(
         warnings = [line for line in log.splitlines() if "tensor cache disk nearly full" in line]
         assert len(warnings) == 1 and str(cache) in warnings[0] and "free_mib" in warnings[0], log
         assert "--cache-dir" not in _rpc_server_argv(worker)
-        assert worker.ready_line.rstrip().endswith("cache=off"), worker.ready_line
+        assert " cache=off " in f"{worker.ready_line.rstrip()} ", worker.ready_line
         server = start_server(tmp_path, "--models-path", str(big_tensor_models), rpc_servers=[endpoint], name="low-disk-server")
         servers.append(server)
         reply = server.chat("hello", max_tokens=4)
@@ -123,7 +123,7 @@ def test_cache_disk_running_low_restarts_without_the_cache(
         assert "removed empty tensor cache files" in worker.stderr(), worker.stderr()
         assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"]
         assert "--cache-dir" in _rpc_server_argv(worker)
-        assert worker.ready_line.rstrip().endswith(f"cache={cache}"), worker.ready_line
+        assert f" cache={cache} " in f"{worker.ready_line.rstrip()} ", worker.ready_line
 
         first = start_server(tmp_path, "--models-path", str(big_tensor_models), rpc_servers=[endpoint], name="guard-first")
         servers.append(first)
