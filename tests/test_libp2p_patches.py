@@ -41,7 +41,7 @@ from multiaddr import Multiaddr
 
 from localp2p.errors import StartupError
 from localp2p.p2p import _libp2p
-from localp2p.p2p._libp2p import connmgr, dcutr, hotpath, identify, log_limits, yamux
+from localp2p.p2p._libp2p import connmgr, dcutr, hotpath, identify, log_limits, relay_circuits, yamux
 from localp2p.p2p.node import open_node
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -191,6 +191,18 @@ def test_dcutr_patch_installed() -> None:
     _libp2p.install()
     assert upstream_dcutr._local_tcp_listen_addrs is dcutr._bound_tcp_listen_addrs
     assert issubclass(dcutr.TunnelSafeDCUtR, upstream_dcutr.DCUtRProtocol)
+
+
+def test_relay_circuits_upstream_shape() -> None:
+    """Upstream's circuit cleanup goes through ``_active_relays`` by peer key, which the patch disarms."""
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+
+    relay_data = inspect.getsource(CircuitV2Protocol._relay_data)
+    assert "self._active_relays[peer_id]" in relay_data and "del self._active_relays[peer_id]" in relay_data
+    assert _params(CircuitV2Protocol._relay_data) == ["self", "src_stream", "dst_stream", "peer_id", "deadline", "circuit_data_limit"]
+    assert "self._active_relays[peer_id] = (stream, dst_stream)" in inspect.getsource(CircuitV2Protocol._handle_connect)
+    relay_circuits.check()
+    assert issubclass(relay_circuits.CircuitSafeRelayProtocol, CircuitV2Protocol)
 
 
 # --------------------------------------------------------------------------

@@ -108,6 +108,42 @@ async def _token_holders_only(tmp_path: pathlib.Path) -> None:
         assert not intruder.node.host.get_network().get_connections(worker.node.peer_id)
 
 
+def test_a_half_made_circuit_does_not_spoil_the_next(tmp_path: pathlib.Path) -> None:
+    trio.run(_half_made_circuit, tmp_path)
+
+
+async def _half_made_circuit(tmp_path: pathlib.Path) -> None:
+    """A dial before the worker reserved fails cleanly; a circuit left half-made (opened at
+    the relay, never upgraded: a dial that timed out) does not take the next, good circuit
+    down when it ends (py-libp2p's relay closed the newest circuit to the same peer)."""
+    token = NetworkToken.generate()
+    async with _nodes(tmp_path, ("relay", token, {"relay": RelayLimits()}), ("worker", token, {}), ("server", token, {})) as nets:
+        relay, worker, server = nets
+        relay_addrs = relay.node.listen_addrs
+        for net in (worker, server):
+            await net.node.connect(PeerInfo(relay.node.peer_id, relay_addrs))
+        await _wait(lambda: relay.node.peer_id in worker.links.known_relays and relay.node.peer_id in server.links.known_relays)
+        with pytest.raises(Exception):  # no reservation yet
+            await server.links.relays.dial(worker.node.peer_id, relay.node.peer_id, relay_addrs)
+        assert await worker.links.relays.reserve(relay.node.peer_id, relay_addrs)
+
+        half_made = await server.links.relays.open_circuit(worker.node.peer_id, relay.node.peer_id, relay_addrs)
+        await server.links.relays.dial(worker.node.peer_id, relay.node.peer_id, relay_addrs)
+        assert (await server.gate.authenticate(server.node, worker.node.peer_id)).role == "worker"
+        network = server.node.host.get_network()
+        assert len(network.get_connections(worker.node.peer_id)) == 1
+        await half_made.close()
+        await trio.sleep(1.0)  # the relay tears the half-made circuit down meanwhile
+        conns = network.get_connections(worker.node.peer_id)
+        assert len(conns) == 1 and not conns[0].is_closed, "the good circuit was closed with the half-made one"
+        with trio.fail_after(10):  # a fresh stream, on the circuit that stayed
+            stream = await server.node.new_stream(worker.node.peer_id, "/ipfs/ping/1.0.0")
+            await stream.write(b"p" * 32)
+            assert await stream.read(32) == b"p" * 32
+        link = server.links.link_of(worker.node.peer_id)
+        assert link is not None and link.kind.value == "relayed" and len(network.get_connections(worker.node.peer_id)) == 1
+
+
 # -- network namespaces: through two NATs --------------------------------------------------
 
 needs_nat = pytest.mark.skipif(nat_unavailable_reason() is not None, reason=f"NAT topology: {nat_unavailable_reason()}")
@@ -142,13 +178,13 @@ def _through_two_nats(tmp_path: pathlib.Path, local_server: Server, *, random_po
         relay, bootstrap = netns_relay(topo, 0, tmp_path, token)
         procs.callback(relay.stop)
         flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
-        started = time.monotonic()
-        worker = p2p_worker(tmp_path, token, "ns-natted-worker", *flags, prefix=netns_prefix(topo, 2))
-        procs.callback(worker.stop)
-        # The server starts once the worker holds its reservation: a relayed dial before it can
-        # leave the pair unable to connect (README "Across the internet", known issue; issue 17).
-        worker.wait_stderr("reserved on relay", timeout=60)
+        # As users do: the server first, then the worker. The server finds the worker (DHT)
+        # before it holds its reservation, so the first relayed dials fail and later ones
+        # must not (a failed circuit once spoiled the next ones at the relay).
         with netns_server(topo, 1, tmp_path, token, *flags) as server:
+            started = time.monotonic()
+            worker = p2p_worker(tmp_path, token, "ns-natted-worker", *flags, prefix=netns_prefix(topo, 2))
+            procs.callback(worker.stop)
             peer = worker_peer_id(worker)
             state = wait_for_workers(server, [peer], timeout=90)
             used_after = time.monotonic() - started

@@ -25,14 +25,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import INetStream, IRawConnection
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP_PROTOCOL
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits as Libp2pRelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
@@ -40,6 +39,7 @@ from multiaddr import Multiaddr
 
 from localp2p.logs import get_logger
 
+from ._libp2p.relay_circuits import CircuitSafeRelayProtocol
 from .auth import AuthGate
 from .node import P2PNode
 
@@ -59,6 +59,8 @@ _log = get_logger(__name__)
 _NO_BYTE_LIMIT = 2**62
 #: Seconds a reservation or a relayed dial may take (one round trip to the relay and one on to the peer).
 RELAY_OP_TIMEOUT = 10.0
+#: Seconds closing a failed relayed dial's circuit may take (one stream close to the relay).
+RELAY_CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ def relay_of(addr: Multiaddr | str) -> str | None:
     return head[0].rsplit("/p2p/", 1)[1].split("/", 1)[0] or None
 
 
+def _circuit_target(relay_id: ID, peer_id: ID) -> Multiaddr:
+    """``/p2p/<relay>/p2p-circuit/p2p/<peer>``: what a relayed dial asks for, and the connection's address."""
+    return Multiaddr(f"/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}")
+
+
 def gated(gate: AuthGate, handler: Callable[[INetStream], Awaitable[None]]) -> Callable[[INetStream], Awaitable[None]]:
     """``handler`` behind the token check: a peer that has not proved the token is reset unread."""
 
@@ -123,7 +130,7 @@ def gated(gate: AuthGate, handler: Callable[[INetStream], Awaitable[None]]) -> C
 class RelayClient:
     """Circuit Relay v2 on one node: stop side always, hop side with ``limits`` (``--p2p-relay``).
 
-    Owns the py-libp2p ``CircuitV2Protocol`` (run in the caller's nursery by :meth:`run`),
+    Owns the py-libp2p ``CircuitV2Protocol`` (our circuit-safe subclass; run in the caller's nursery by :meth:`run`),
     a ``CircuitV2Transport`` used for reservations and relayed dials, and the set of
     reservations this node holds (:attr:`reserved`: relay id -> the relay's addresses).
     """
@@ -133,7 +140,7 @@ class RelayClient:
         self.gate = gate
         self.limits = limits
         self.reserved: dict[ID, list[Multiaddr]] = {}
-        self._protocol = CircuitV2Protocol(
+        self._protocol = CircuitSafeRelayProtocol(
             node.host, (limits or RelayLimits()).for_libp2p(), allow_hop=limits is not None
         )
         # STOP only: relayed dials must not reserve on the way (RelayRole.CLIENT would).
@@ -200,6 +207,16 @@ class RelayClient:
         """Where others reach this node through its reservations (``.../p2p-circuit``, no own ``/p2p``)."""
         return [circuit_addr(a, relay_id) for relay_id, addrs in self.reserved.items() for a in addrs]
 
+    async def open_circuit(self, peer_id: ID, relay_id: ID, relay_addrs: list[Multiaddr]) -> IRawConnection:
+        """A circuit to ``peer_id`` through ``relay_id``, not yet secured (:meth:`dial` upgrades it).
+
+        The caller owns the returned connection and closes it if it does not upgrade it.
+        Raises as :meth:`dial` does.
+        """
+        await self.ensure_authenticated(relay_id, relay_addrs)
+        target = _circuit_target(relay_id, peer_id)
+        return await self._transport.dial_peer_info(PeerInfo(peer_id, [target]), relay_info=PeerInfo(relay_id, relay_addrs))
+
     async def dial(self, peer_id: ID, relay_id: ID, relay_addrs: list[Multiaddr]) -> None:
         """Connect to ``peer_id`` through ``relay_id`` (authenticating to the relay first).
 
@@ -207,12 +224,19 @@ class RelayClient:
         swarm like any other, marked RELAYED. Raises on failure (no reservation there,
         relay refused or unreachable, handshake failed).
         """
-        with trio.fail_after(RELAY_OP_TIMEOUT):
-            await self.ensure_authenticated(relay_id, relay_addrs)
-            target = Multiaddr(f"/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}")
-            raw = await self._transport.dial_peer_info(PeerInfo(peer_id, [target]), relay_info=PeerInfo(relay_id, relay_addrs))
-            conn = await self.node.host.upgrade_outbound_connection(raw, peer_id)
+        raw = None
+        try:
+            with trio.fail_after(RELAY_OP_TIMEOUT):
+                raw = await self.open_circuit(peer_id, relay_id, relay_addrs)
+                conn = await self.node.host.upgrade_outbound_connection(raw, peer_id)
+        except BaseException:
+            # A circuit opened but not upgraded (timed out, handshake failed) would stay
+            # open at the relay and at the peer, half-made: close it.
+            if raw is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(RELAY_CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                    await raw.close()
+            raise
         with contextlib.suppress(Exception):
-            conn.set_transport_info([target], ConnectionType.RELAYED)  # type: ignore[attr-defined]
+            conn.set_transport_info([_circuit_target(relay_id, peer_id)], ConnectionType.RELAYED)  # type: ignore[attr-defined]
         # Never trimmed as a spare connection while it carries tunnels (max one per peer).
         self.node.host.get_network().protect(peer_id, "localp2p-relayed")

@@ -18,6 +18,9 @@ Process-wide (:func:`install`):
 * :mod:`.dcutr` - hole-punch dials leave from the bound listen address (and
   ``TunnelSafeDCUtR``, run instead of py-libp2p's DCUtR: a relayed connection is
   closed after an upgrade only once no tunnel uses it).
+* :mod:`.relay_circuits` - ``CircuitSafeRelayProtocol``, run instead of py-libp2p's
+  ``CircuitV2Protocol``: each relayed circuit closes its own streams when it ends, not
+  those of the newest circuit to the same peer (checked here, used by ``p2p/relay.py``).
 
 Per host (:func:`patch_host`):
 
@@ -37,7 +40,7 @@ from libp2p.abc import IHost
 
 from localp2p.errors import StartupError
 
-from . import connmgr, dcutr, hotpath, identify, log_limits, yamux
+from . import connmgr, dcutr, hotpath, identify, log_limits, relay_circuits, yamux
 
 __all__ = ["LIBP2P_DISTRIBUTION", "LIBP2P_VERSION", "install", "installed_version", "patch_host"]
 
@@ -80,6 +83,7 @@ def install() -> None:
         hotpath.install()
         log_limits.install()
         dcutr.install()
+        relay_circuits.check()
     except (AttributeError, KeyError, TypeError) as exc:
         raise StartupError(f"py-libp2p {found} does not fit localp2p's patches: {exc}") from exc
     _installed = True
