@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     static.add_argument("port", type=_port)
     static.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     static.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    _add_worker_models_arg(static)
     _add_cpu_mode_arg(static)
     _add_device_arg(static)
     static.set_defaults(func=cmd_worker_static)
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
     p2p.add_argument("--threads", type=_positive_int, default=env_threads(), help="CPU threads for the rpc-server")
     p2p.add_argument("--cache-dir", default=_env("LOCALP2P_RPC_CACHE"), help="llama.cpp tensor cache: weights are not re-sent on reload")
+    _add_worker_models_arg(p2p)
     _add_cpu_mode_arg(p2p)
     _add_device_arg(p2p)
     _add_p2p_args(p2p)
@@ -463,6 +465,23 @@ def _announce_new_token() -> str:
     return text
 
 
+def _add_worker_models_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-path",
+        default=_env("WORKER_MODELS_PATH"),
+        help="directory of GGUF files this worker holds (env WORKER_MODELS_PATH): their tensors go into the tensor "
+        "cache (default dir: STATE_DIR/tensor-cache) before a load instead of over the network; indexed once",
+    )
+
+
+def _worker_models_path(args: argparse.Namespace) -> str | None:
+    """``--models-path`` of a worker, checked: a directory, else one line and exit 2."""
+    path = args.models_path
+    if path and not os.path.isdir(path):
+        raise CLIError(f"--models-path: not a directory: {path}")
+    return str(path) if path else None
+
+
 def cmd_worker_p2p(args: argparse.Namespace) -> int:
     from localp2p.worker.main import run_p2p_worker  # noqa: PLC0415
 
@@ -470,7 +489,10 @@ def cmd_worker_p2p(args: argparse.Namespace) -> int:
     if not token_text:
         raise CLIError("no network token: set TOKEN (printed by `localp2p run --p2p`) or pass --token")
     settings = _p2p_settings(args, token_text)
-    return _run_service(run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode, tuple(args.device))
+    models_path = _worker_models_path(args)
+    return _run_service(
+        run_p2p_worker, settings, args.threads, args.cache_dir, args.cpu_mode, tuple(args.device), models_path
+    )
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -524,7 +546,7 @@ def cmd_worker_static(args: argparse.Namespace) -> int:
         cpu_mode=args.cpu_mode,
         devices=tuple(args.device),
     )
-    return _run_service(run_static_worker, spec)
+    return _run_service(run_static_worker, spec, _worker_models_path(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -53,6 +54,10 @@ class LoadProgress:
     from_cache: bool | None = None
     network_bytes: int | None = None
     weights_since: float | None = None  # seconds after ``started`` when llama.cpp began loading weights
+    #: Per worker name: how its tensor cache was filled before llama.cpp loaded (bytes
+    #: ``total``, ``cached``, ``local``, ``peers``, ``server``, ``missing`` ...; see
+    #: localp2p.server.weight_plan). Empty when no plan ran (static mode, no index).
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float | None:
@@ -80,6 +85,7 @@ class LoadProgress:
             "eta_s": None if eta is None else round(eta, 1),
             "from_cache": self.from_cache,
             "network_bytes": self.network_bytes,
+            "weights": {name: dict(entry) for name, entry in self.weights.items()},
         }
 
     def note_status(self, reply: pb.StatusResponse) -> None:

@@ -23,6 +23,7 @@ from localp2p.server.admission import DEFAULT_MAX_QUEUE
 from localp2p.server.failover import DEFAULT_FAILOVER_TIMEOUT
 from localp2p.server.follow_workers import follow_worker_set
 from localp2p.server.supervisor import REQUEST_READY_WAIT, BackendSupervisor
+from localp2p.server.weight_plan import WeightPlanner
 from localp2p.server.worker_set import WorkerAttacher, WorkerSet
 
 log = get_logger("server")
@@ -90,6 +91,12 @@ async def serve(
     can be stopped that early await it rather than ``nursery.start`` it (localp2p.cli).
     """
     workers = WorkerSet() if settings.p2p is not None else None
+    # p2p: before each load, the workers fill their tensor caches (own files, peers, this server).
+    planner = (
+        WeightPlanner(workers, settings.p2p.state_dir, lambda: app.state.network)
+        if settings.p2p is not None and workers is not None
+        else None
+    )
     supervisor = BackendSupervisor(
         settings.models,
         rpc_servers=settings.rpc_servers,
@@ -99,6 +106,7 @@ async def serve(
         max_queue=settings.max_queue,
         network_bytes=workers.bytes_sent if workers is not None else None,
         cpu_mode=settings.cpu_mode,
+        prepare_weights=planner.prepare if planner is not None else None,
     )
     app = create_app(
         supervisor,

@@ -19,7 +19,7 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -118,8 +118,11 @@ class BackendSupervisor:
         max_queue: int = DEFAULT_MAX_QUEUE,
         network_bytes: Callable[[], int] | None = None,
         cpu_mode: CpuMode = CpuMode.DEFAULT,
+        prepare_weights: Callable[[ModelConfig, tuple[str, ...], LoadProgress], Awaitable[None]] | None = None,
     ) -> None:
         self.models = dict(models)
+        #: Before each load: fill the workers' tensor caches (p2p: localp2p.server.weight_plan).
+        self._prepare_weights = prepare_weights
         #: Admitted (429 beyond ``max_queue``) and in-flight requests.
         self.admission = AdmissionGate(max_queue)
         #: Bytes sent to workers so far (p2p: the tunnels), to tell a cached load apart.
@@ -432,6 +435,8 @@ class BackendSupervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_load, name, progress, functools.partial(self.refresh_status, client))
             try:
+                if self._prepare_weights is not None:
+                    await self._prepare_weights(model, self._bound, progress)
                 result = await client.load_model(model_options(model, self._bound, self._threads, self._parallel))
             except BackendError as exc:
                 # Raised outside the nursery: from inside it would come out wrapped in an

@@ -69,6 +69,10 @@ class Worker:
     rpc_protocol: str = ""
     #: The ggml devices its rpc-server serves, as it announced them (Device.as_dict()).
     devices: list[dict[str, Any]] = field(default_factory=list)
+    #: The models whose GGUF files it holds, as it announced them (``{"id": content id, "file": name}``).
+    models: list[dict[str, str]] = field(default_factory=list)
+    #: Whether it fills a tensor cache before a load when told which tensors (localp2p.worker.weight_fetch).
+    fills_cache: bool = False
     rtt_ms: float | None = None
     #: How the server is connected to it: "direct", "hole-punched" or "relayed" (None: not connected).
     link: str | None = None
@@ -95,6 +99,7 @@ class Worker:
             "memory_total": self.memory_total,
             "rpc_protocol": self.rpc_protocol,
             "devices": [dict(d) for d in self.devices],
+            "models": [dict(m) for m in self.models],
             "rtt_ms": self.rtt_ms,
             "link": self.link,
             "relay": self.relay,
@@ -310,6 +315,8 @@ class WorkerAttacher:
         worker.memory_total = int(hello.extra.get("memory_total", 0) or 0)
         worker.rpc_protocol = str(hello.extra.get("rpc_protocol", ""))
         worker.devices = announced_devices(hello.extra.get("devices"))
+        worker.models = _announced_models(hello.extra.get("models"))
+        worker.fills_cache = hello.extra.get("fills_cache") is True
         worker.last_seen = time.time()
         return worker
 
@@ -385,3 +392,14 @@ class WorkerAttacher:
             self.workers.set_state(worker, ONLINE if owned else BUSY)
             await trio.sleep(PING_INTERVAL if owned else BUSY_RECHECK)
         log.warning("worker stopped answering", peer_id=worker.peer_id, name=worker.name)
+
+
+def _announced_models(raw: object) -> list[dict[str, str]]:
+    """A hello's ``models`` (content ids a worker holds), keeping only well-formed entries."""
+    if not isinstance(raw, list):
+        return []
+    return [
+        {"id": m["id"], "file": str(m.get("file", ""))[:80]}
+        for m in raw[:64]
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and len(m["id"]) <= 64
+    ]

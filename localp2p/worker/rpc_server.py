@@ -104,7 +104,10 @@ async def _wait_rpc_ready(process: trio.Process, endpoint: str) -> rpc.ServerInf
 
 
 async def supervise_rpc_server(
-    spec: RpcServerSpec, *, task_status: trio.TaskStatus[rpc.ServerInfo] = trio.TASK_STATUS_IGNORED
+    spec: RpcServerSpec,
+    *,
+    guard: CacheGuard | None = None,
+    task_status: trio.TaskStatus[rpc.ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run llama.cpp's rpc-server as a child for as long as this task lives.
 
@@ -115,11 +118,13 @@ async def supervise_rpc_server(
     With a cache dir, each start uses it only while its disk has room, and a child
     whose cache disk runs low is stopped and restarted without it (localp2p.worker.tensor_cache).
     A child that dies of a native crash (SIGSEGV, SIGILL, SIGBUS) is restarted in safe
-    CPU mode, and stays there (localp2p.cpumode).
+    CPU mode, and stays there (localp2p.cpumode). ``guard``: the cache's guard, when the
+    caller shares it (the weight fetcher reads whether it tripped); made here otherwise.
     """
     first = True
     backoff = RESTART_BACKOFF_MIN
-    guard = CacheGuard(spec.cache_dir, cache_min_free()) if spec.cache_dir else None
+    if guard is None and spec.cache_dir:
+        guard = CacheGuard(spec.cache_dir, cache_min_free())
     mode = spec.cpu_mode
     while True:
         cached = guard is not None and await guard.usable()
