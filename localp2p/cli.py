@@ -182,9 +182,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a generation whose backend died may take to continue on the workers left (or locally) "
         "before it fails (env FAILOVER_TIMEOUT; default 60; 0: off)",
     )
+    mesh = run.add_argument_group("mesh (with --p2p)")
+    mesh.add_argument(
+        "--delegate-to",
+        default=_env("DELEGATE_TO"),
+        metavar="PEER_ID",
+        help="send every inference request to this server of the network (env DELEGATE_TO)",
+    )
+    mesh.add_argument(
+        "--delegate-timeout",
+        type=_seconds,
+        default=_env("DELEGATE_TIMEOUT"),
+        metavar="SECONDS",
+        help="seconds to reach the --delegate-to provider and hand it a request (env DELEGATE_TIMEOUT; default 10)",
+    )
+    mesh.add_argument(
+        "--fallback-to-local",
+        action="store_true",
+        default=_env("FALLBACK_TO_LOCAL") in ("1", "true"),
+        help="serve here when the provider is unreachable, refuses or times out (env FALLBACK_TO_LOCAL=true); "
+        "without it such a request gets 503",
+    )
+    mesh.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[p.strip() for p in (_env("ALLOW_PEERS") or "").split(",") if p.strip()],
+        metavar="PEER_ID",
+        help="only these peers may use this server's API over the network (repeatable; env ALLOW_PEERS, comma-separated)",
+    )
+    mesh.add_argument(
+        "--deny-peer",
+        action="append",
+        default=[p.strip() for p in (_env("DENY_PEERS") or "").split(",") if p.strip()],
+        metavar="PEER_ID",
+        help="these peers may not use this server's API over the network (repeatable; env DENY_PEERS, comma-separated)",
+    )
     _add_cpu_mode_arg(run)
     _add_p2p_args(run)
     run.set_defaults(func=cmd_run)
+
+    client = command(commands, "client", "serve the network's OpenAI API here, with no model (a lite client)")
+    client.add_argument("--address", default=_env("ADDRESS", "127.0.0.1:8080"), help="HTTP listen address (env ADDRESS)")
+    client.add_argument("--token", default=None, help="network token (env TOKEN or P2P_TOKEN)")
+    _add_p2p_args(client)
+    client.set_defaults(func=cmd_client)
 
     worker = command(commands, "worker", "run a worker that lends this machine to a server")
     kinds = worker.add_subparsers(dest="kind", metavar="KIND", required=True)
@@ -425,6 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--min-workers needs --p2p")
     elif args.p2p_relay:
         raise CLIError("--p2p-relay needs --p2p")
+    _mesh_settings(args, settings)
     if args.max_queue is not None:
         settings.max_queue = args.max_queue
     if args.shutdown_grace is not None:
@@ -437,6 +479,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings.protect_metrics = args.protect_metrics
     settings.cors_origins = _cors_origins(args.cors, args.cors_allow_origins)
     return _run_service(serve, settings, graceful_limit=settings.shutdown_limit)
+
+
+def _peer_id(text: str, flag: str) -> str:
+    """``text`` if it is a libp2p peer id; CLIError otherwise."""
+    from libp2p.peer.id import ID  # noqa: PLC0415
+
+    try:
+        raw = ID.from_base58(text).to_bytes()
+    except Exception:
+        raw = b""
+    # A multihash: identity (0x00) or sha2-256 (0x12), its length byte, then the digest.
+    if len(raw) < 34 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2:
+        raise CLIError(f"{flag}: not a peer id: {text!r} (`localp2p status` and GET /api/p2p show them)")
+    return text
+
+
+def _mesh_settings(args: argparse.Namespace, settings: Any) -> None:
+    """--delegate-to, --delegate-timeout, --fallback-to-local, --allow-peer, --deny-peer into ``settings``."""
+    from localp2p.server.forwarding import Delegation, PeerFirewall  # noqa: PLC0415
+
+    given = [
+        flag
+        for flag, value in (
+            ("--delegate-to", args.delegate_to),
+            ("--delegate-timeout", args.delegate_timeout),
+            ("--fallback-to-local", args.fallback_to_local),
+            ("--allow-peer", args.allow_peer),
+            ("--deny-peer", args.deny_peer),
+        )
+        if value
+    ]
+    if given and not args.p2p:
+        raise CLIError(f"{given[0]} needs --p2p")
+    if (args.delegate_timeout is not None or args.fallback_to_local) and not args.delegate_to:
+        raise CLIError(f"{'--fallback-to-local' if args.fallback_to_local else '--delegate-timeout'} needs --delegate-to")
+    settings.firewall = PeerFirewall(
+        allow=frozenset(_peer_id(p, "--allow-peer") for p in args.allow_peer),
+        deny=frozenset(_peer_id(p, "--deny-peer") for p in args.deny_peer),
+    )
+    if args.delegate_to:
+        delegation = Delegation(_peer_id(args.delegate_to, "--delegate-to"), fallback_to_local=args.fallback_to_local)
+        if args.delegate_timeout is not None:
+            if args.delegate_timeout <= 0:
+                raise CLIError("--delegate-timeout: must be more than 0 seconds")
+            delegation = Delegation(delegation.provider, args.delegate_timeout, args.fallback_to_local)
+        settings.delegation = delegation
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from localp2p.client.main import ClientSettings, run_client  # noqa: PLC0415 - keep --help fast
+
+    token_text = args.token or _env("TOKEN") or _env("P2P_TOKEN")
+    if not token_text:
+        raise CLIError("a client needs the network token: TOKEN=... localp2p client (or --token)")
+    settings = ClientSettings(p2p=_p2p_settings(args, token_text), address=args.address)
+    return _run_service(run_client, settings)
 
 
 def _cors_origins(enabled: bool, allowed: str | None) -> tuple[str, ...]:

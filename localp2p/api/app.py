@@ -184,6 +184,7 @@ def create_app(
     api_keys: Sequence[str] = (),
     protect_metrics: bool = False,
     cors_origins: Sequence[str] = (),
+    mesh: Any = None,
 ) -> FastAPI:
     """Build the app around a running supervisor (the app only reads its state).
 
@@ -192,6 +193,8 @@ def create_app(
     With ``cors_origins`` (``"*"`` for any), browsers on those origins may call the API:
     preflights are answered before the key check, and every answer (errors too) carries
     the ``Access-Control-*`` headers. Empty (the default): no CORS headers at all.
+    ``mesh`` (p2p mode: a :class:`localp2p.server.forwarding.MeshService`) forwards the
+    inference requests this server should not take, inside the key check.
     """
     app = FastAPI(title="localp2p", version=__version__, docs_url=None, redoc_url=None)
     app.state.supervisor = supervisor
@@ -263,9 +266,17 @@ def create_app(
                 "network_id": network.settings.token.network_id if network is not None else None,
                 "workers": listed,
                 "backend_rpc_servers": list(supervisor.status.rpc_servers),
+                "servers": [s.as_dict() for s in mesh.directory.all()] if mesh is not None and mesh.directory is not None else [],
+                "clients": mesh.describe_clients() if mesh is not None else [],
+                "mesh": mesh.describe() if mesh is not None else None,
             }
         )
 
+    if mesh is not None:
+        from localp2p.server.forwarding import MeshForwarding  # noqa: PLC0415 - p2p mode only
+
+        mesh.app = app
+        app.add_middleware(MeshForwarding, mesh=mesh)  # added first: runs inside the key check
     app.add_middleware(RequireAPIKey, keys=tuple(api_keys), protect_metrics=protect_metrics)
     if cors_origins:  # outside the key check: a preflight carries no key, and a 401 needs the headers too
         app.add_middleware(

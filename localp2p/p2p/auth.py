@@ -18,7 +18,7 @@ peers. Neither side says anything about itself (its hello) before the other has
 proved the token: ``R`` proves first but reveals only a MAC; ``I`` sends its
 hello only after checking ``R``'s proof.
 
-A "hello" is a small JSON object, ``{"role": "server"|"worker"|"relay", "name": str,
+A "hello" is a small JSON object, ``{"role": "server"|"worker"|"relay"|"client", "name": str,
 ...extra}``; workers add their rpc protocol version and device memory.
 
 :class:`AuthGate` (one per node) runs both sides, remembers which peers proved
@@ -94,8 +94,8 @@ _LABEL_R = b"lp2p-auth-r"
 _LABEL_I = b"lp2p-auth-i"
 _LABEL_H = b"lp2p-auth-h"
 
-Role = Literal["server", "worker", "relay"]
-_ROLES = ("server", "worker", "relay")
+Role = Literal["server", "worker", "relay", "client"]
+_ROLES = ("server", "worker", "relay", "client")
 
 _log = get_logger(__name__)
 

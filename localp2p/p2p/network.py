@@ -115,13 +115,15 @@ async def run_network(
     role: str,
     hello: dict[str, Any],
     advertise: bool,
+    search: bool | None = None,
     install_handlers: Callable[[P2PNode, AuthGate], None] | None = None,
     task_status: trio.TaskStatus[Network] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run this node's libp2p host, token gate and discovery until cancelled.
 
     ``advertise`` (workers) provides the rendezvous keys in the DHT; the server
-    searches for them instead. mDNS both announces and browses. ``install_handlers``
+    searches for them instead; ``search`` (default: ``not advertise``) says whether to look
+    up the keys' providers (a server does both: clients find it by them). mDNS both announces and browses. ``install_handlers``
     registers the caller's protocols before discovery starts, so a peer that finds
     us at once never meets a node without them. Raises StartupError for an unusable
     state dir, bad listen or bootstrap addresses, or a port in use. The identity
@@ -136,6 +138,7 @@ async def run_network(
             role=role,
             hello=hello,
             advertise=advertise,
+            search=(not advertise) if search is None else search,
             install_handlers=install_handlers,
             bootstrap=bootstrap,
             listen=listen,
@@ -150,6 +153,7 @@ async def _run_network(
     role: str,
     hello: dict[str, Any],
     advertise: bool,
+    search: bool,
     install_handlers: Callable[[P2PNode, AuthGate], None] | None,
     bootstrap: list[Multiaddr],
     listen: list[Multiaddr],
@@ -178,7 +182,7 @@ async def _run_network(
                     dht,
                     token.rendezvous_keys,
                     advertise=advertise,
-                    search=not advertise,
+                    search=search,
                     send_channel=send.clone(),
                     bootstrap=bootstrap,
                     task_status=task_status,

@@ -18,10 +18,13 @@ from localp2p.errors import StartupError
 from localp2p.llama.rpc import parse_endpoint
 from localp2p.logs import get_logger
 from localp2p.netutil import check_port_free
-from localp2p.p2p.network import Network, P2PSettings, run_network
+from localp2p.p2p.discovery import Candidate
+from localp2p.p2p.federation import ServerDirectory, tee_candidates
+from localp2p.p2p.network import CANDIDATE_BUFFER, Network, P2PSettings, run_network
 from localp2p.server.admission import DEFAULT_MAX_QUEUE
 from localp2p.server.failover import DEFAULT_FAILOVER_TIMEOUT
 from localp2p.server.follow_workers import follow_worker_set
+from localp2p.server.forwarding import Delegation, MeshService, PeerFirewall
 from localp2p.server.supervisor import REQUEST_READY_WAIT, BackendSupervisor
 from localp2p.server.weight_plan import WeightPlanner
 from localp2p.server.worker_set import WorkerAttacher, WorkerSet
@@ -53,6 +56,8 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # origins browsers may call the API from ("*": any); empty: CORS off
     failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT  # seconds to continue a generation after a backend failure; 0: off
     cpu_mode: CpuMode = CpuMode.DEFAULT  # llama.cpp's CPU fast paths (localp2p.cpumode); safe after a native crash
+    firewall: PeerFirewall = field(default_factory=PeerFirewall)  # p2p: peers that may use the API over the network
+    delegation: Delegation | None = None  # p2p: --delegate-to, every inference request goes to that provider
 
     @property
     def shutdown_limit(self) -> float:
@@ -108,12 +113,16 @@ async def serve(
         cpu_mode=settings.cpu_mode,
         prepare_weights=planner.prepare if planner is not None else None,
     )
+    mesh = (
+        MeshService(supervisor, firewall=settings.firewall, delegation=settings.delegation) if settings.p2p is not None else None
+    )
     app = create_app(
         supervisor,
         {"workers": workers, "network": None, "failover_timeout": settings.failover_timeout},
         api_keys=settings.api_keys,
         protect_metrics=settings.protect_metrics,
         cors_origins=settings.cors_origins,
+        mesh=mesh,
     )
     try:
         host, port = parse_endpoint(settings.address)
@@ -132,8 +141,8 @@ async def serve(
             models=list(settings.models),
             rpc_servers=list(settings.rpc_servers) or None,
         )
-        if settings.p2p is not None and workers is not None:
-            app.state.network = await _start_p2p(nursery, settings, supervisor, workers)
+        if settings.p2p is not None and workers is not None and mesh is not None:
+            app.state.network = await _start_p2p(nursery, settings, supervisor, workers, mesh)
         await nursery.start(supervisor.run)
         log.info("ready", model=supervisor.status.model, load_s=supervisor.status.load_seconds)
         task_status.started(urls)
@@ -201,15 +210,32 @@ async def _serve_http(
 
 
 async def _start_p2p(
-    nursery: trio.Nursery, settings: ServerSettings, supervisor: BackendSupervisor, workers: WorkerSet
+    nursery: trio.Nursery, settings: ServerSettings, supervisor: BackendSupervisor, workers: WorkerSet, mesh: MeshService
 ) -> Network:
-    """Join the network, attach workers as they are found, and keep the backend on them."""
+    """Join the network, attach workers as they are found, and keep the backend on them; serve
+    the API to peers and keep the directory of the other servers (localp2p.server.forwarding).
+
+    The server both provides the rendezvous keys (clients and other servers find it by them)
+    and looks them up (workers, other servers)."""
     assert settings.p2p is not None
     network: Network = await nursery.start(
-        functools.partial(run_network, settings.p2p, role="server", hello={"name": settings.p2p.name}, advertise=False)
+        functools.partial(
+            run_network,
+            settings.p2p,
+            role="server",
+            hello={"name": settings.p2p.name},
+            advertise=True,
+            search=True,
+            install_handlers=mesh.install,
+        )
     )
+    mesh.directory = ServerDirectory(network.node, network.gate, network.links)
+    to_workers, for_workers = trio.open_memory_channel[Candidate](CANDIDATE_BUFFER)
+    to_servers, for_servers = trio.open_memory_channel[Candidate](CANDIDATE_BUFFER)
+    nursery.start_soon(tee_candidates, network.candidates, to_workers, to_servers)
+    await nursery.start(mesh.directory.run, for_servers)
     attacher = WorkerAttacher(network.node, network.gate, workers, network.links)
-    await nursery.start(attacher.run, network.candidates)
+    await nursery.start(attacher.run, for_workers)
     if settings.min_workers:
         log.info("waiting for workers before loading the model", min_workers=settings.min_workers)
         await workers.wait_for(settings.min_workers)

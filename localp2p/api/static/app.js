@@ -131,6 +131,27 @@ function renderWorkers(p2p) {
   }));
 }
 
+function renderMesh(p2p) {
+  $("mesh-section").hidden = !p2p;
+  if (!p2p) return;
+  const servers = p2p.servers || [];
+  const clients = p2p.clients || [];
+  $("mesh-count").textContent = "(" + servers.filter((s) => s.online).length + " servers online, " + clients.length + " peers using this API)";
+  $("mesh-empty").hidden = servers.length + clients.length > 0;
+  const rows = servers.map((s) => el("tr", {className: "mesh-server", dataset: {peerId: String(s.peer_id)}},
+    el("td", {}, "server"), el("td", {}, s.name || "—"), el("td", {}, el("code", {}, String(s.peer_id).slice(-12))),
+    el("td", {}, s.online ? "online" : String(s.state || "offline")), el("td", {}, (s.models || []).join(", ") || "—"),
+    el("td", {}, String(s.admitted ?? 0) + " queued or running" + (typeof s.tokens_per_second === "number" ? ", " + fmtNumber(s.tokens_per_second, 1) + " tok/s" : "")),
+    el("td", {}, String(s.requests_forwarded ?? 0) + " sent there")));
+  for (const c of clients) {
+    rows.push(el("tr", {className: "mesh-client", dataset: {peerId: String(c.peer_id)}},
+      el("td", {}, String(c.role || "peer")), el("td", {}, c.name || "—"), el("td", {}, el("code", {}, String(c.peer_id).slice(-12))),
+      el("td", {}, (c.connected ? "connected" : "gone") + (c.admitted ? "" : ", refused by the firewall")), el("td", {}, "—"),
+      el("td", {}, String(c.requests_in_flight ?? 0) + " in flight"), el("td", {}, String(c.requests_served ?? 0) + " served")));
+  }
+  $("mesh-rows").replaceChildren(...rows);
+}
+
 function renderBackend(status, p2p) {
   const backend = status.backend || {};
   const state = String(backend.state || "unknown");
@@ -230,6 +251,7 @@ async function refresh() {
     if (err instanceof AuthNeeded) showAuth(err.message);
     status_.textContent = err instanceof AuthNeeded ? "waiting for an API key" : "cannot refresh: " + err.message;
     status_.dataset.ok = "false";
+    renderMesh(p2p);
   } finally {
     inFlight = false;
     schedule(soon ? 0 : REFRESH_MS);
