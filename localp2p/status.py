@@ -161,7 +161,21 @@ def _load_progress_lines(status: dict[str, Any]) -> list[str]:
         text += f", about {float(progress['eta_s']):.0f} s left"
     if progress.get("from_cache"):
         text += " (workers' tensor cache)"
-    return [text]
+    lines = [text]
+    weights = progress.get("weights")
+    for name, w in sorted(weights.items()) if isinstance(weights, dict) else []:
+        if not isinstance(w, dict):
+            continue
+        parts = [f"{size(w.get(k))} {label}" for k, label in _WEIGHT_SOURCES if w.get(k)]
+        line = f"          {name}: {', '.join(parts) or 'nothing yet'} of {size(w.get('total'))}"
+        if w.get("error"):
+            line += " (no plan: llama.cpp sends it)"
+        lines.append(line)
+    return lines
+
+
+#: load_progress.weights fields, as the status lines name them (issue 16).
+_WEIGHT_SOURCES = (("local", "own copy"), ("peers", "peers"), ("server", "server"), ("cached", "cache"))
 
 
 def _device_lines(status: dict[str, Any]) -> list[str]:

@@ -199,6 +199,18 @@ function renderLoadProgress(progress) {
   if (typeof progress.eta_s === "number") parts.push("about " + progress.eta_s.toFixed(0) + " s left");
   if (progress.from_cache) parts.push("from worker caches");
   $("load-detail").textContent = parts.join(" · ");
+  // Per worker: where its share of the weights came from before llama.cpp loaded (issue 16).
+  const weights = progress.weights || {};
+  $("load-weights").replaceChildren(...Object.keys(weights).sort().map((name) => {
+    const w = weights[name] || {};
+    const from = [["own copy", w.local], ["peers", w.peers], ["server", w.server], ["cache", w.cached]]
+      .filter(([, n]) => Number(n) > 0).map(([label, n]) => fmtBytes(n) + " " + label);
+    let text = name + ": " + (from.join(", ") || "nothing yet") + " of " + fmtBytes(w.total || 0);
+    if (w.error) text += " · no plan (" + w.error + "); llama.cpp sends it";
+    else if (w.done && Number(w.missing) > 0) text += " · " + fmtBytes(w.missing) + " left to llama.cpp";
+    if (Number(w.corrupt) > 0) text += " · " + w.corrupt + " bad tensors from " + (w.bad_peers || []).join(", ") + ", fetched again";
+    return el("li", {className: "load-weights-worker", dataset: {worker: name}}, text);
+  }));
 }
 
 function renderRequests(requests) {
