@@ -255,10 +255,9 @@ class MeshForwarding:
         body = await read_body(receive, MAX_BODY)
         if body is None:
             return  # the caller went away (a body too large raised in the size cap outside)
-        local = _replay(body, receive)
         head = RequestHead.from_scope(scope)
         if mesh.delegation is not None:
-            await self._delegate(mesh.delegation, head, body, scope, local, send)
+            await self._delegate(mesh.delegation, head, body, scope, receive, send)
             return
         model = model_of(body)
         supervisor = mesh.supervisor
@@ -269,14 +268,17 @@ class MeshForwarding:
             mesh.forwarded += 1
             log.info("forwarding a request", reason="model not here" if lacks else "queue full", model=target)
             try:
-                await forward_http(mesh.directory, head, body, local, send)
+                await forward_http(mesh.directory, head, body, receive, send)
                 return
             except NoServer as exc:
                 log.info("no other server took it; answering here", reason=exc.message)
-        await self.app(scope, local, send)
+        await self.app(scope, _replay(body, receive), send)
 
-    async def _delegate(self, delegation: Delegation, head: RequestHead, body: bytes, scope: Scope, local: Receive, send: Send) -> None:
-        """Send the request to the provider; on failure fall back to local or answer 503."""
+    async def _delegate(self, delegation: Delegation, head: RequestHead, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the request to the provider; on failure fall back to local or answer 503.
+
+        ``receive`` is the caller's, past the body (already read): forwarding watches it for
+        a disconnect; the local app gets the body replayed first."""
         mesh = self.mesh
         assert mesh.directory is not None
         mesh.forwarded += 1
@@ -285,7 +287,7 @@ class MeshForwarding:
                 mesh.directory,
                 head,
                 body,
-                local,
+                receive,
                 send,
                 only=delegation.provider,
                 connect_timeout=delegation.timeout,
@@ -299,7 +301,7 @@ class MeshForwarding:
             log.warning(
                 "provider did not take the request; serving it here (--fallback-to-local)", provider=delegation.provider, reason=reason
             )
-            await self.app(scope, local, send)
+            await self.app(scope, _replay(body, receive), send)
             return
         log.warning("provider did not take the request", provider=delegation.provider, reason=reason)
         await _answer_error(
