@@ -11,15 +11,12 @@ the server behind NAT router A, and one worker (``--threads 1``, no ``--cache-di
                hole-punched; measured once the tunnel moved (the backend reloaded onto the
                direct path and the relayed connection closed)
 
-The worker is started first; once it holds its reservation on the relay (its log line
-"reserved on relay", about 2 s), the server (ready once its model is loaded locally), as in
-tests/test_p2p_relay.py. Why not the server first: a server that finds the worker before the
-worker has reserved makes a relayed dial that fails, and in two bench runs every relayed
-dial between the two after that failed too (Noise handshake failed at the worker): the
-worker was never used. A known bug, not fixed yet (see notes/libp2p.md).
+As users do: the server first (ready once its model is loaded locally), then the worker.
+The server finds the worker in the DHT before the worker holds its reservation on the
+relay, so its first relayed dials fail and it retries.
 
 * ``used_s``    worker process start -> the backend holds layers on it and a request answered
-                (the wait for its reservation and the server's own start included)
+                (its reservation, the DHT lookup, the relayed dial and the first load included)
 * ``moved_s``   (punched) worker start -> hole-punched, relayed connection closed, backend ready
 * ``load_s``    the backend's time for the load on the measured path (every worker weight crosses it)
 * ``gen_tok_s`` streamed greedy ``/v1/completions`` (one warm-up, then ``reps``), (N - 1) ÷ (last - first token)
@@ -125,13 +122,12 @@ def one(procs: Procs, model: BenchModel, plan: NatPlan, name: str) -> dict[str, 
         relay, bootstrap = cluster.netns_relay(topo, 0, log_dir, token, prefix=PDEATHSIG)
         procs.track(relay)
         flags = ("--p2p-no-mdns", "--p2p-bootstrap", bootstrap)
-        started = time.monotonic()
-        worker = cluster.p2p_worker(
-            log_dir, token, f"nat-{name}-worker", *flags, prefix=[*PDEATHSIG, *cluster.netns_prefix(topo, 2)], wait=False
-        )
-        procs.track(worker)
-        worker.wait_stderr("reserved on relay", timeout=plan.timeout)
         with cluster.netns_server(topo, 1, log_dir, token, *flags, *model.server_args()) as server:
+            started = time.monotonic()
+            worker = cluster.p2p_worker(
+                log_dir, token, f"nat-{name}-worker", *flags, prefix=[*PDEATHSIG, *cluster.netns_prefix(topo, 2)], wait=False
+            )
+            procs.track(worker)
             used_s = _until("used", lambda: _used(server, model), started, plan.timeout, worker)
             moved_s = _until(f"on the {link} path", lambda: _on_path(server, link), started, plan.timeout, worker)
             status = server.http.get("/api/status").json()

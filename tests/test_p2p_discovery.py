@@ -86,6 +86,17 @@ def test_advertisable_addrs_prefers_non_loopback() -> None:
     assert advertisable_addrs([Multiaddr("/ip6/fe80::1/tcp/1"), lo]) == [lo]
 
 
+def test_a_relayed_address_keeps_its_relay() -> None:
+    """A peer's ``/p2p-circuit`` address loses only the peer's own ``/p2p``: cut at the first
+    ``/p2p`` it became the relay's address, which a server then dialed as the worker's."""
+    relay = "12D3KooWP6hf6vbSabV4xZipBX7H525ee7y5ZAd5rWk8vZ3ce1Pq"
+    peer = "12D3KooWDUyXiciRmtL6aFTLQySyj9a5uXzb1fDp48J8Yj1dbDiE"
+    circuit = Multiaddr(f"/ip4/100.64.1.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{peer}")
+    direct = Multiaddr(f"/ip4/10.231.1.1/tcp/1/p2p/{peer}")
+    kept = Multiaddr(f"/ip4/100.64.1.1/tcp/4001/p2p/{relay}/p2p-circuit")
+    assert advertisable_addrs([circuit, direct]) == [kept, Multiaddr("/ip4/10.231.1.1/tcp/1")]
+
+
 # --------------------------------------------------------------------------
 # mDNS on loopback
 # --------------------------------------------------------------------------

@@ -32,7 +32,15 @@ WILDCARDS: dict[Family, str] = {"ip4": "0.0.0.0", "ip6": "::"}
 
 
 def strip_p2p(addr: Multiaddr) -> Multiaddr:
-    """Return ``addr`` without a trailing ``/p2p/<peer id>`` component."""
+    """Return ``addr`` without a trailing ``/p2p/<peer id>`` component.
+
+    A relayed address keeps its relay: ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<peer>``
+    becomes ``<relay addr>/p2p/<relay>/p2p-circuit`` (cutting at the first ``/p2p``, as for
+    a plain address, would leave the relay's own address, dialed as if it were the peer's).
+    """
+    text = str(addr)
+    if "/p2p-circuit" in text:
+        return Multiaddr(text.split("/p2p-circuit", 1)[0] + "/p2p-circuit")
     try:
         value = addr.value_for_protocol("p2p")
     except Exception:

@@ -53,6 +53,9 @@ MAX_RESERVATIONS = 2
 #: Seconds a direct dial may take before a relay is tried (when one is known). A NAT
 #: drops the SYN silently, so this is what an unreachable peer costs before the relay.
 DIRECT_DIAL_TIMEOUT = 2.0
+#: Seconds a direct dial runs alone before the relays race it, for a peer that announces
+#: relayed addresses (it is behind a NAT, but may share a LAN with us).
+DIRECT_HEAD_START = 0.5
 #: Seconds before a peer that failed to be our relay (refused the token, no reservation) is tried again.
 RELAY_RETRY = 30.0
 #: Seconds a hole-punch dial may take (py-libp2p: 10 s, also spent on each dead address first).
@@ -208,6 +211,12 @@ class Links:
     async def connect(self, peer_id: ID, addrs: list[Multiaddr]) -> None:
         """Connect to ``peer_id``: directly, else through a relay (when any is known).
 
+        A peer that announces relayed addresses found itself unreachable from outside:
+        its direct addresses get a head start of :data:`DIRECT_HEAD_START` s, then its
+        relays race them (the first connection wins; the others are cancelled, a
+        half-made circuit closed). Otherwise the direct dial has
+        :data:`DIRECT_DIAL_TIMEOUT` s before the relays are tried in turn.
+
         :raises Exception: no way worked (the last error).
         """
         direct = [strip_p2p(a) for a in addrs if not is_circuit(a)]
@@ -217,28 +226,67 @@ class Links:
             return
         if self.node.host.get_network().get_connections(peer_id):
             return
-        error: BaseException = ConnectionError(f"no address or relay for {peer_id}")
-        if direct:
+        relays = [(r, a) for r, a in {**announced, **self.known_relays}.items() if r != peer_id]
+        errors: list[BaseException] = []
+        if announced:
+            if await self._race(peer_id, direct, relays, errors):
+                return
+        else:
+            if direct:
+                try:
+                    with trio.fail_after(DIRECT_DIAL_TIMEOUT):
+                        await self.node.connect(PeerInfo(peer_id, direct))
+                    return
+                except Exception as exc:
+                    errors.append(exc)
+            for relay_id, relay_addrs in relays:
+                if await self._dial_relayed(peer_id, relay_id, relay_addrs, errors):
+                    return
+        raise errors[-1] if errors else ConnectionError(f"no address or relay for {peer_id}")
+
+    async def _race(
+        self, peer_id: ID, direct: list[Multiaddr], relays: list[tuple[ID, list[Multiaddr]]], errors: list[BaseException]
+    ) -> bool:
+        """Direct dial first, each relay :data:`DIRECT_HEAD_START` s later; True once one connected."""
+        won = False
+
+        async def direct_dial(cancel: trio.CancelScope) -> None:
+            nonlocal won
             try:
                 with trio.fail_after(DIRECT_DIAL_TIMEOUT):
                     await self.node.connect(PeerInfo(peer_id, direct))
+            except Exception as exc:
+                errors.append(exc)
                 return
-            except Exception as exc:
-                error = exc
-        for relay_id, relay_addrs in {**announced, **self.known_relays}.items():
-            if relay_id == peer_id:
-                continue
-            try:
-                await self.relays.dial(peer_id, relay_id, relay_addrs)
-            except Exception as exc:
-                log.debug("relayed dial failed", peer_id=str(peer_id), relay=str(relay_id), error=f"{type(exc).__name__}: {exc}")
-                error = exc
-                continue
-            self._relayed_first.add(peer_id)
-            log.info("connected through relay", peer_id=str(peer_id), relay=str(relay_id))
-            await self._activate()
-            return
-        raise error
+            won = True
+            cancel.cancel()
+
+        async def relayed_dial(cancel: trio.CancelScope, relay_id: ID, relay_addrs: list[Multiaddr]) -> None:
+            nonlocal won
+            await trio.sleep(DIRECT_HEAD_START if direct else 0)
+            if await self._dial_relayed(peer_id, relay_id, relay_addrs, errors):
+                won = True
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            if direct:
+                nursery.start_soon(direct_dial, nursery.cancel_scope)
+            for relay_id, relay_addrs in relays:
+                nursery.start_soon(relayed_dial, nursery.cancel_scope, relay_id, relay_addrs)
+        return won
+
+    async def _dial_relayed(self, peer_id: ID, relay_id: ID, relay_addrs: list[Multiaddr], errors: list[BaseException]) -> bool:
+        """One relayed dial; True when it connected (its error goes to ``errors`` otherwise)."""
+        try:
+            await self.relays.dial(peer_id, relay_id, relay_addrs)
+        except Exception as exc:
+            log.debug("relayed dial failed", peer_id=str(peer_id), relay=str(relay_id), error=f"{type(exc).__name__}: {exc}")
+            errors.append(exc)
+            return False
+        self._relayed_first.add(peer_id)
+        log.info("connected through relay", peer_id=str(peer_id), relay=str(relay_id))
+        await self._activate()
+        return True
 
     @staticmethod
     def _announced_relays(addrs: list[Multiaddr]) -> dict[ID, list[Multiaddr]]:

@@ -29,9 +29,10 @@ reports ``gone``: liveness is the job of the libp2p connection, not of discovery
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,9 @@ DHT_REPROVIDE_INTERVAL = 60.0
 #: An unchanged DHT candidate is sent again after this long (s), so a
 #: consumer that dropped the peer (e.g. a failed dial) gets another chance.
 DHT_REEMIT_INTERVAL = 60.0
+#: Longest interval (s) between quick searches (one GET_PROVIDERS per key to each
+#: connected DHT peer): how late a worker behind a NAT is seen once it advertised.
+DHT_QUICK_INTERVAL = 4.0
 #: Upper bound (s) for one provide or one provider lookup; KadDHT's own
 #: per-peer timeout is 10 s and a lookup may hop several times.
 DHT_OPERATION_TIMEOUT = 20.0
@@ -130,11 +134,42 @@ class NodeDHT:
         )
         return await self.kad.routing_table.add_peer(info)
 
+    async def advertise_near(self, key: bytes) -> bool:
+        """Announce this node as a provider of ``key`` to the DHT peers it is connected to.
+
+        One ADD_PROVIDER to each connected routing-table peer (the bootstrap peers),
+        at once, each bounded by KadDHT's query timeout. This is what makes a worker
+        behind a NAT findable within seconds through the relay it bootstrapped from;
+        :meth:`advertise` then reaches the k closest. Also stores the record locally.
+
+        :return: ``True`` if at least one remote peer was sent the record.
+        """
+        store = self.kad.provider_store
+        ckey = content_key(key)
+        own = self.node.peer_id
+        connected = set(self.node.connected_peers())
+        sent = 0
+
+        async def send(peer_id: ID) -> None:
+            nonlocal sent
+            with trio.move_on_after(KAD_QUERY_TIMEOUT):
+                sent += bool(await store._send_add_provider(peer_id, ckey))
+
+        store.providing_keys.add(ckey)
+        store.add_provider(ckey, PeerInfo(own, list(self.node.host.get_addrs())))
+        async with trio.open_nursery() as nursery:
+            for peer_id in self.routing_table_peers():
+                if peer_id in connected and peer_id != own:
+                    nursery.start_soon(send, peer_id)
+        return sent > 0
+
     async def advertise(self, key: bytes) -> bool:
         """Announce this node as a provider of ``key`` (ADD_PROVIDER to the k closest).
 
         The record is also stored locally. Records expire on remote peers after
         48 h; KadDHT's maintenance loop republishes every 22 h while running.
+        The walk to the k closest can take long behind a NAT (it waits on peers
+        named at addresses nobody can dial): callers bound it.
 
         :return: ``True`` if at least one remote peer was sent the record.
         """
@@ -271,8 +306,10 @@ def _merge_provider(found: dict[ID, list[Multiaddr]], info: PeerInfo) -> None:
             addrs.append(addr)
 
 
-async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID, list[Multiaddr]]:
-    """Providers of ``raw_key``: our own store plus a fresh network lookup.
+async def _lookup_providers(
+    dht: NodeDHT, raw_key: bytes, count: int, found: dict[ID, list[Multiaddr]], *, walk: bool
+) -> None:
+    """Add the providers of ``raw_key`` to ``found``: our own store plus a fresh network lookup.
 
     ``ProviderStore.find_providers`` returns the local cache as soon as it
     has *any* record for the key (including our own record when we also
@@ -280,31 +317,35 @@ async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID
     network when it has none - a searcher would never see a second worker.
     This is the same iterative GET_PROVIDERS walk without that short cut,
     and it does not add what it finds to the local store. Includes self.
+
+    Without ``walk``: only our store and the routing-table peers this node is
+    connected to (one round trip each; the bootstrap peers). With ``walk``: the
+    walk from the closest peers the network names as well. ``found`` is filled
+    as answers come, so a caller's time bound keeps what was found before it:
+    behind a NAT the walk meets peers it cannot dial (their private addresses)
+    and can outlast any bound, while the connected peers answer at once.
     """
     kad = dht.kad
     store = kad.provider_store
     key = content_key(raw_key)
     own = dht.node.peer_id
-    found: dict[ID, list[Multiaddr]] = {}
     for info in store.get_providers(key):
         _merge_provider(found, info)
 
-    candidates = [p for p in await kad.peer_routing.find_closest_peers_network(key) if p != own]
     queried: set[ID] = set()
-    while candidates and len(found) < count + 1:
-        batch, candidates = candidates[:KAD_ALPHA], candidates[KAD_ALPHA:]
+
+    async def ask_all(batch: list[ID]) -> list[ID]:
+        """GET_PROVIDERS to each of ``batch`` at once; the closer peers they name."""
         closer: list[ID] = []
 
         async def ask(peer: ID) -> None:
             queried.add(peer)
             try:
                 with trio.move_on_after(KAD_QUERY_TIMEOUT):
-                    providers, closer_peers = await store._get_providers_from_peer_with_closers(
-                        peer, key
-                    )
+                    providers, closer_peers = await store._get_providers_from_peer_with_closers(peer, key)
                     for info in providers:
                         _merge_provider(found, info)
-                    closer.extend(closer_peers)  # noqa: B023 - awaited within this iteration's nursery
+                    closer.extend(closer_peers)
             except Exception as exc:
                 _log.debug("dht: GET_PROVIDERS failed", peer_id=str(peer), error=repr(exc))
 
@@ -312,7 +353,18 @@ async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID
             for peer in batch:
                 if peer not in queried:
                     nursery.start_soon(ask, peer)
-        for peer in closer:
+        return closer
+
+    connected = set(dht.node.connected_peers())
+    candidates = await ask_all([p for p in dht.routing_table_peers() if p in connected and p != own])
+    if not walk:
+        return
+    with trio.move_on_after(KAD_QUERY_TIMEOUT):
+        candidates += await kad.peer_routing.find_closest_peers_network(key)
+    candidates = list(dict.fromkeys(p for p in candidates if p != own and p not in queried))
+    while candidates and len(found) < count + 1:
+        batch, candidates = candidates[:KAD_ALPHA], candidates[KAD_ALPHA:]
+        for peer in await ask_all(batch):
             if peer != own and peer not in queried and peer not in candidates:
                 candidates.append(peer)
     # Providers that sent no addresses: try what the peerstore knows.
@@ -323,7 +375,6 @@ async def _lookup_providers(dht: NodeDHT, raw_key: bytes, count: int) -> dict[ID
                 addrs.extend(strip_p2p(a) for a in peerstore.addrs(peer))
             except Exception:
                 pass
-    return found
 
 
 @dataclass
@@ -331,8 +382,10 @@ class _DhtState:
     """Per-:func:`run_dht_discovery` bookkeeping (owned by its trio tasks)."""
 
     bootstrap: list[PeerInfo]
-    #: raw key -> monotonic time of the last provide that reached a peer
+    #: raw key -> monotonic time of the last provide that reached a connected peer
     provided: dict[bytes, float] = field(default_factory=dict)
+    #: raw key -> monotonic time of the last provide that walked to the k closest
+    walked: dict[bytes, float] = field(default_factory=dict)
     #: peer id -> (addresses, monotonic time) of the last candidate sent
     emitted: dict[ID, tuple[tuple[str, ...], float]] = field(default_factory=dict)
     #: bootstrap peers whose last dial failed (to log each outage once)
@@ -371,17 +424,19 @@ async def run_dht_discovery(
       previous epoch key: keys rotate, so they are re-read every round);
       if ``advertise``, provides every key that was never provided, whose
       last provide reached no remote peer, or that is older than
-      :data:`DHT_REPROVIDE_INTERVAL`; if ``search``, looks up the providers
-      of every key (our store plus a fresh network walk, see
-      :func:`_lookup_providers`) and sends a :class:`Candidate`
+      :data:`DHT_REPROVIDE_INTERVAL`; if ``search`` (side by side with the
+      provides), looks up the providers of every key (our store and connected
+      peers first, then a fresh network walk, see :func:`_dht_search`) and sends a :class:`Candidate`
       (``source="dht"``, no role/name, never ``gone``) for every provider
       other than us whose addresses are new or changed, or that was last
       sent more than :data:`DHT_REEMIT_INTERVAL` ago.
 
     Rounds start ``initial_interval`` apart and back off by
-    :data:`DHT_BACKOFF_FACTOR` to ``interval``; the backoff restarts (and a
-    round runs at once) when the key set changes or a bootstrap peer is
-    (re)added. Every step is time-bounded and its errors are logged, never
+    :data:`DHT_BACKOFF_FACTOR` to ``interval`` (the network walks) or to
+    :data:`DHT_QUICK_INTERVAL` (the quick searches of connected peers); the
+    provides and the walks run in the background, one of each at a time, so
+    neither holds back a quick search. The backoff restarts (and a round runs
+    at once) when the key set changes or a bootstrap peer is (re)added. Every step is time-bounded and its errors are logged, never
     raised. ``send_channel`` is not closed here; if its receiver is closed,
     this logs and returns.
 
@@ -408,12 +463,15 @@ async def run_dht_discovery(
             bootstrap=[str(i.peer_id) for i in state.bootstrap],
         )
         delay = initial_interval
+        background = _Once(nursery)
+        walks = _Backoff(initial_interval, interval)
         while True:
             round_started = trio.current_time()
             speed_up = False
             if state.kick.is_set():
                 state.kick = trio.Event()
                 state.provided.clear()
+                state.walked.clear()
                 speed_up = True
             try:
                 keys = [bytes(k) for k in rendezvous_keys()]
@@ -424,16 +482,72 @@ async def run_dht_discovery(
                 speed_up = speed_up or bool(state.keys)  # a rotation, not the first round
                 _forget_old_keys(dht, state, keys)
                 state.keys = keys
-            if advertise:
-                await _dht_provide(dht, state)
-            if search and not await _dht_search(dht, state, send_channel):
-                nursery.cancel_scope.cancel()
-                return
             if speed_up:
                 delay = initial_interval
-            with trio.move_on_at(round_started + delay):
+                walks.restart()
+            # The provide and the walk go on in the background (one of each at a time): either
+            # can wait on peers it cannot dial, and must not hold back the next quick search.
+            if advertise:
+                await _dht_provide(dht, state, walk=False)
+                background.start_once("provide", functools.partial(_dht_provide, walk=True), dht, state)
+            if search:
+                if not await _dht_search(dht, state, send_channel, walk=False):
+                    nursery.cancel_scope.cancel()
+                    return
+                if walks.due():
+                    background.start_once("walk", _dht_walk, dht, state, send_channel, nursery.cancel_scope)
+            with trio.move_on_at(round_started + min(delay, DHT_QUICK_INTERVAL)):
                 await state.kick.wait()
             delay = min(delay * DHT_BACKOFF_FACTOR, interval)
+
+
+class _Once:
+    """Background tasks in one nursery, at most one of each name running at a time."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._running: set[str] = set()
+
+    def start_once(self, name: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        if name in self._running:
+            return
+        self._running.add(name)
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._running.discard(name)
+
+        self._nursery.start_soon(run)
+
+
+class _Backoff:
+    """When the next network walk is due: ``initial`` s apart, growing to ``interval``."""
+
+    def __init__(self, initial: float, interval: float) -> None:
+        self._initial, self._interval = initial, interval
+        self._delay = initial
+        self._next = 0.0
+
+    def restart(self) -> None:
+        self._delay, self._next = self._initial, 0.0
+
+    def due(self) -> bool:
+        now = trio.current_time()
+        if now < self._next:
+            return False
+        self._next = now + self._delay
+        self._delay = min(self._delay * DHT_BACKOFF_FACTOR, self._interval)
+        return True
+
+
+async def _dht_walk(
+    dht: NodeDHT, state: _DhtState, send_channel: trio.MemorySendChannel[Candidate], stop: trio.CancelScope
+) -> None:
+    """One network walk for every key (see :func:`_dht_search`); ``stop`` if the receiver is gone."""
+    if not await _dht_search(dht, state, send_channel, walk=True):
+        stop.cancel()
 
 
 async def _dht_bootstrap_loop(
@@ -492,53 +606,85 @@ async def _dht_bootstrap(dht: NodeDHT, state: _DhtState) -> bool:
 def _forget_old_keys(dht: NodeDHT, state: _DhtState, keys: list[bytes]) -> None:
     """Stop tracking keys of past epochs (ours, and KadDHT's 22 h republisher's)."""
     current = set(keys)
-    for old in [k for k in state.provided if k not in current]:
-        del state.provided[old]
+    for provided in (state.provided, state.walked):
+        for old in [k for k in provided if k not in current]:
+            del provided[old]
     if state.keys:
         providing = dht.kad.provider_store.providing_keys
         for old in set(state.keys) - current:
             providing.discard(content_key(old))
 
 
-async def _dht_provide(dht: NodeDHT, state: _DhtState) -> None:
-    """Provide every key that is due (see :func:`run_dht_discovery`)."""
+async def _dht_provide(dht: NodeDHT, state: _DhtState, *, walk: bool) -> None:
+    """Provide every key that is due (see :func:`run_dht_discovery`), all keys at once.
+
+    Without ``walk`` (every round, quick): to the connected DHT peers
+    (:meth:`NodeDHT.advertise_near`). With ``walk`` (in the background): to the k
+    closest (:meth:`NodeDHT.advertise`), bounded by :data:`DHT_OPERATION_TIMEOUT`.
+    Each kind keeps its own record of when it last reached a peer.
+    """
+    provided = state.walked if walk else state.provided
     now = time.monotonic()
-    for key in state.keys:
-        last = state.provided.get(key)
-        if last is not None and now - last < DHT_REPROVIDE_INTERVAL:
-            continue
+
+    async def provide(key: bytes, last: float | None) -> None:
         ok = False
         try:
             with trio.move_on_after(DHT_OPERATION_TIMEOUT):
-                ok = await dht.advertise(key)
+                ok = await (dht.advertise(key) if walk else dht.advertise_near(key))
         except Exception as exc:
             _log.warning("dht: provide failed", error=repr(exc))
         if ok:
-            if last is None:
+            if last is None and not walk:
                 _log.info("dht: advertised rendezvous key", key=content_key(key).hex()[:16])
-            state.provided[key] = time.monotonic()
+            provided[key] = time.monotonic()
         else:
-            _log.debug("dht: provide reached no peer yet", key=content_key(key).hex()[:16])
+            _log.debug("dht: provide reached no peer yet", key=content_key(key).hex()[:16], walk=walk)
+
+    async with trio.open_nursery() as nursery:
+        for key in list(state.keys):
+            last = provided.get(key)
+            if last is None or now - last >= DHT_REPROVIDE_INTERVAL:
+                nursery.start_soon(provide, key, last)
 
 
 async def _dht_search(
-    dht: NodeDHT, state: _DhtState, send_channel: trio.MemorySendChannel[Candidate]
+    dht: NodeDHT, state: _DhtState, send_channel: trio.MemorySendChannel[Candidate], *, walk: bool
 ) -> bool:
-    """Look up providers of every key and send new/changed/stale candidates.
+    """Look up providers of every key (all at once) and send new/changed/stale candidates.
+
+    Without ``walk`` (every round): our store and the routing-table peers this node is
+    connected to, bounded by one query's timeout. A worker behind a NAT is found this
+    way, through the relay it bootstrapped from. With ``walk`` (in the background,
+    on the round backoff): the network walk too, bounded by :data:`DHT_OPERATION_TIMEOUT`;
+    it can spend all of it on peers nobody can dial (private addresses behind NATs).
 
     :return: ``False`` if the candidate receiver is gone (stop the loop).
     """
     found: dict[ID, list[Multiaddr]] = {}
-    for key in state.keys:
+
+    async def lookup(key: bytes) -> None:
         try:
-            with trio.move_on_after(DHT_OPERATION_TIMEOUT):
-                for peer, addrs in (
-                    await _lookup_providers(dht, key, DHT_MAX_PROVIDERS)
-                ).items():
-                    merged = found.setdefault(peer, [])
-                    merged.extend(a for a in addrs if a not in merged)
+            await _lookup_providers(dht, key, DHT_MAX_PROVIDERS, found, walk=walk)
         except Exception as exc:
             _log.warning("dht: provider lookup failed", error=repr(exc))
+
+    with trio.move_on_after(DHT_OPERATION_TIMEOUT if walk else KAD_QUERY_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for key in list(state.keys):
+                nursery.start_soon(lookup, key)
+    return await _send_candidates(dht, state, found, send_channel)
+
+
+async def _send_candidates(
+    dht: NodeDHT,
+    state: _DhtState,
+    found: dict[ID, list[Multiaddr]],
+    send_channel: trio.MemorySendChannel[Candidate],
+) -> bool:
+    """Send the providers in ``found`` that are new, changed, or last sent long ago.
+
+    :return: ``False`` if the candidate receiver is gone.
+    """
     now = time.monotonic()
     for peer, candidates in found.items():
         addrs = advertisable_addrs(candidates)
