@@ -1,8 +1,9 @@
 """Issue 15: the mesh API with real processes in network namespaces.
 
 A lite client (``localp2p client``, run with llama_cpp made unimportable) in host 0 and two
-``run --p2p`` servers in hosts 1 and 2; the official ``openai`` SDK talks to the client and
-to a server directly. Then delegation with the provider's firewall, in a topology of its own.
+``run --p2p`` servers in hosts 1 (``--max-queue 4``) and 2; the official ``openai`` SDK talks to
+the client and to a server directly. A third server in host 0 serves the same weights under
+another name only (a model the others lack). Delegation: tests/test_mesh_delegation.py.
 Needs root; skips with the reason otherwise.
 """
 
@@ -23,6 +24,7 @@ import openai
 import pytest
 from libp2p.peer.id import ID
 
+from localp2p.config import embedded_model_path
 from localp2p.p2p.identity import load_or_create_identity
 from localp2p.testing.cluster import Proc, Server, free_port, netns_prefix, new_token, stopped_on_error
 from localp2p.testing.netns import NamespaceForward, Topology, netns_unavailable_reason, topology
@@ -30,6 +32,10 @@ from localp2p.testing.netns import NamespaceForward, Topology, netns_unavailable
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"network namespaces: {netns_unavailable_reason()}")
 
 MODEL = "smollm2-135m-instruct"
+#: --max-queue of server 1 (its default --parallel: a full queue is one that runs this many).
+QUEUE = 4
+#: The third server's only model: the same weights under another name.
+ALIAS = "smollm2-alias"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 #: Seconds the client may take to see both servers (discovery by mDNS, then announcements).
 DISCOVERY_LIMIT = 60.0
@@ -107,16 +113,18 @@ def peer_id_for(state_dir: pathlib.Path) -> str:
     return str(ID.from_pubkey(key_pair.public_key))
 
 
-def wait_models(client: Node, servers: int, limit: float = DISCOVERY_LIMIT) -> dict[str, Any]:
-    """Wait until the client's /v1/models counts ``servers`` servers for the model; the answer."""
+def wait_models(client: Node, servers: int, limit: float = DISCOVERY_LIMIT, **others: int) -> dict[str, Any]:
+    """Wait until the client's /v1/models counts ``servers`` servers for MODEL (and ``others``:
+    model -> count, for the models besides it); the answer."""
     deadline = time.monotonic() + limit
     body: dict[str, Any] = {}
+    want = sorted({MODEL: servers, **others}.items())
     while time.monotonic() < deadline:
         body = client.http.get("/v1/models").json()
-        if [(m["id"], m["servers"]) for m in body["data"]] == [(MODEL, servers)]:
+        if sorted((m["id"], m["servers"]) for m in body["data"]) == want:
             return body
         time.sleep(0.2)
-    raise AssertionError(f"/v1/models never counted {servers} servers: {body}\n{client.proc.stderr()[-3000:]}")
+    raise AssertionError(f"/v1/models never counted {want}: {body}\n{client.proc.stderr()[-3000:]}")
 
 
 def chat_text(sdk: openai.OpenAI, **params: Any) -> str:
@@ -133,8 +141,19 @@ def streamed_text(sdk: openai.OpenAI, max_tokens: int = 24) -> str:
 class Mesh:
     topo: Topology
     client: Node
-    servers: list[Node]
+    servers: list[Node]  # the two serving MODEL
     peers: list[str]
+    alias: Node  # the one serving ALIAS only
+    alias_peer: str
+
+
+def alias_models(log_dir: pathlib.Path) -> pathlib.Path:
+    """A models dir with one YAML: ALIAS on the embedded model's file."""
+    models = log_dir / "alias-models"
+    models.mkdir(exist_ok=True)
+    (models / "weights.gguf").symlink_to(embedded_model_path())
+    (models / "alias.yaml").write_text(f"name: {ALIAS}\nparameters:\n  model: weights.gguf\n")
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +162,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     token = new_token()
     with topology(3) as topo, contextlib.ExitStack() as stack:
         peers = [peer_id_for(log_dir / f"state-server{i}") for i in (1, 2)]
-        servers = [start_server(topo, i, log_dir, token, f"server{i}") for i in (1, 2)]
+        alias_peer = peer_id_for(log_dir / "state-alias")
+        servers = [start_server(topo, i, log_dir, token, f"server{i}", *(["--max-queue", str(QUEUE)] if i == 1 else [])) for i in (1, 2)]
         for server in servers:
             stack.callback(server.close)
+        alias = start_server(topo, 0, log_dir, token, "alias", "--models-path", str(alias_models(log_dir)))
+        stack.callback(alias.close)
         client = start_client(topo, 0, log_dir, token)
         stack.callback(client.close)
-        wait_models(client, 2)
-        yield Mesh(topo, client, servers, peers)
+        wait_models(client, 2, **{ALIAS: 1})
+        yield Mesh(topo, client, servers, peers, alias, alias_peer)
 
 
 def test_client_imports_nothing_from_llama_cpp() -> None:
@@ -167,7 +189,7 @@ def test_sdk_through_client_equals_server(mesh: Mesh) -> None:
     client, direct = mesh.client.sdk(), mesh.servers[0].sdk()
     # models: the union, with how many servers serve each
     listed = client.models.list()
-    assert [m.id for m in listed.data] == [MODEL]
+    assert sorted(m.id for m in listed.data) == sorted([MODEL, ALIAS])
     assert mesh.client.http.get(f"/v1/models/{MODEL}").json()["servers"] == 2
     missing = mesh.client.http.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
@@ -212,6 +234,43 @@ def test_eight_streams_spread_over_both_servers(mesh: Mesh) -> None:
     assert all(states[p]["online"] and states[p]["models"] == [MODEL] for p in mesh.peers), states
 
 
+def _mesh_of(node: Node) -> dict[str, Any]:
+    return dict(node.p2p()["mesh"])
+
+
+def test_a_server_forwards_a_model_it_lacks(mesh: Mesh) -> None:
+    server1 = mesh.servers[0]
+    before = _mesh_of(server1)["requests_forwarded"]
+    # server 1 has no ALIAS: the alias server answers, as it answers directly
+    through = server1.sdk().chat.completions.create(model=ALIAS, messages=MESSAGES, temperature=0, max_tokens=16)  # type: ignore[arg-type]
+    direct = mesh.alias.sdk().chat.completions.create(model=ALIAS, messages=MESSAGES, temperature=0, max_tokens=16)  # type: ignore[arg-type]
+    assert through.choices[0].message.content == direct.choices[0].message.content and through.model == ALIAS
+    assert _mesh_of(server1)["requests_forwarded"] == before + 1
+    served = {c["peer_id"]: c["requests_served"] for c in mesh.alias.p2p()["clients"]}
+    assert served.get(mesh.peers[0], 0) >= 1, served
+    # and the other way: the alias server has no MODEL
+    assert chat_text(mesh.alias.sdk()) == chat_text(server1.sdk())
+
+
+def test_a_server_with_a_full_queue_forwards(mesh: Mesh) -> None:
+    server1, server2 = mesh.servers
+    before = _mesh_of(server1)["requests_forwarded"]
+    expected = streamed_text(server2.sdk(), max_tokens=48)
+    # server 1 has --max-queue QUEUE: one more request while QUEUE run goes to server 2
+    sdk = server1.sdk()
+    running = [
+        sdk.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=48, stream=True)  # type: ignore[arg-type]
+        for _ in range(QUEUE)
+    ]
+    parts = [[next(iter(stream)).choices[0].delta.content or ""] for stream in running]  # each one is admitted
+    assert _mesh_of(server1)["announcement"]["admitted"] == QUEUE
+    assert streamed_text(sdk, max_tokens=48) == expected
+    assert _mesh_of(server1)["requests_forwarded"] == before + 1
+    for stream, part in zip(running, parts, strict=True):
+        part += [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(part) == expected
+
+
 def _cancelled(servers: list[Node]) -> int:
     """Requests the servers recorded as ended by their caller going away (499)."""
     return sum(1 for s in servers for r in s.http.get("/api/status").json()["recent_requests"] if r["status"] == 499)
@@ -235,7 +294,7 @@ def test_server_killed_requests_go_to_the_other(mesh: Mesh) -> None:
     sdk = mesh.client.sdk()
     # The victim is the server the client's choice would take next (fewest of its requests,
     # then peer id): the next request meets the dead server first and must fail over.
-    states = mesh.client.p2p()["servers"]
+    states = [s for s in mesh.client.p2p()["servers"] if MODEL in s["models"]]
     victim = min(states, key=lambda s: (s["requests_forwarded"], s["peer_id"]))["peer_id"]
     survivor = next(i for i, p in enumerate(mesh.peers) if p != victim)
     expected = chat_text(mesh.servers[survivor].sdk())
@@ -244,7 +303,7 @@ def test_server_killed_requests_go_to_the_other(mesh: Mesh) -> None:
     assert chat_text(sdk) == expected
     assert streamed_text(sdk) == expected
     # the killed server leaves /v1/models counts within 10 s of the kill
-    wait_models(mesh.client, 1, limit=max(0.0, 10.0 - (time.monotonic() - killed)))
+    wait_models(mesh.client, 1, limit=max(0.0, 10.0 - (time.monotonic() - killed)), **{ALIAS: 1})
     states = {s["peer_id"]: s for s in mesh.client.p2p()["servers"]}
     assert not states[victim]["online"] and states[mesh.peers[survivor]]["online"], states
     for _ in range(3):
