@@ -15,6 +15,7 @@ from . import engine, nat
 from .generation import CONFIGS, LABELS
 from .stats import ratio
 from .table import Row, fmt, goal_row, mm
+from .weights import rows as weights_rows
 
 
 def _median_other(runs: list[dict[str, Any]]) -> float | None:
@@ -281,6 +282,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         )
     rows += engine.rows(sections.get("engine"))
     rows += nat.rows(sections.get("nat"))
+    rows += weights_rows(sections.get("weights"))
     return rows
 
 

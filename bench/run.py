@@ -14,6 +14,8 @@ Sections (each a set of rows in one table, ratios measured in the same run):
 7. engine     bench.engine     localp2p vs llama.cpp's llama-server (bench.llama_server builds it once): single
                                stream, 8 concurrent streams, multi-turn chat, determinism; local and 2 workers
 8. nat        bench.nat        a worker through two NATs (netns, nftables; root): relayed and hole-punched ÷ LAN
+10. weights  bench.weights  first load on 3 workers: (a) today, (b) each has the file, (c) one has it (swarm);
+                             rehash of an unchanged file on worker restart
 
 Every process started is stopped at the end, on failure and on Ctrl-C (bench.procs).
 A section that fails is reported as ERROR in the table; the others still run.
@@ -155,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="threads of both servers and of each worker in the engine section (default: all cores, as issue 14 measured)",
     )
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine", "nat"]
+        "--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine", "nat",
+        "weights"]
     )
     parser.add_argument(
         "--merge",
@@ -264,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         if "nat" not in args.skip:
             log("8. nat: a worker on the LAN, relayed, hole-punched (network namespaces, nftables)")
             results["sections"]["nat"] = section("nat", nat.run, procs, models.smollm2(), nat.NatPlan(reps=3 if quick else 5), log)
+        if "weights" not in args.skip and not quick and "1b" not in args.skip:
+            from . import weights  # noqa: PLC0415 - one section's module, loaded when it runs
+
+            log("10. weights: first load on 3 workers, (a) today, (b) every worker has the file, (c) one has it")
+            one_b = section("1b model", models.one_b, log)
+            if isinstance(one_b, models.BenchModel):
+                wplan = weights.WeightsPlan(reps=args.reps or 1, threads=args.threads, worker_threads=worker_threads)
+                results["sections"]["weights"] = section("weights", weights.run, procs, one_b, wplan, log)
 
     results["machine"]["loadavg_end"] = _loadavg()
     results["wall_s"] = time.monotonic() - started

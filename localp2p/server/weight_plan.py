@@ -54,6 +54,9 @@ log = get_logger("weights")
 FILL_STALL_TIMEOUT = 30.0
 #: Seconds to open a worker's plan stream.
 OPEN_TIMEOUT = 5.0
+#: Seconds for the probe of an rpc-server's free memory (the split): a HELLO round trip
+#: on a LAN; an rpc-server busy with a running backend never answers, and must not hold the load.
+PROBE_TIMEOUT = 2.0
 
 
 class WeightPlanner:
@@ -119,8 +122,8 @@ class WeightPlanner:
         network = self._network_of()
         if self.node is None and network is not None:
             self.install(network.node, network.gate)
-        if self.node is None or not any(ep in by_endpoint for ep in endpoints):
-            return
+        if self.node is None or not any(ep in by_endpoint and by_endpoint[ep].fills_cache for ep in endpoints):
+            return  # no worker here keeps a tensor cache: nothing to plan (and no file to hash)
         indexed = await self.index(model.model_file)
         if indexed is None:
             return
@@ -137,13 +140,23 @@ class WeightPlanner:
         self, indexed: IndexedModel, model: ModelConfig, endpoints: tuple[str, ...], by_endpoint: dict[str, Worker]
     ) -> list[tuple[Worker, list[IndexedTensor]]]:
         """Each worker's tensors, from llama.cpp's split over the rpc-servers that answer now."""
-        used: list[tuple[str, int]] = []
-        for endpoint in endpoints:
+        free: dict[str, int | None] = {}
+
+        async def probe(endpoint: str) -> None:
             try:
-                info = await trio.to_thread.run_sync(rpc.probe, endpoint)
+                info = await trio.to_thread.run_sync(rpc.probe, endpoint, PROBE_TIMEOUT)
             except rpc.RPCError:
-                continue  # the backend will skip it too
-            used.append((endpoint, info.memory_free))
+                # Down (the backend will skip it too), or busy with the running backend's
+                # connection (a model switched in place): a worker's announced memory stands in.
+                worker = by_endpoint.get(endpoint)
+                free[endpoint] = worker.memory_free if worker is not None else None
+            else:
+                free[endpoint] = info.memory_free
+
+        async with trio.open_nursery() as nursery:
+            for endpoint in endpoints:
+                nursery.start_soon(probe, endpoint)
+        used = [(endpoint, m) for endpoint in endpoints if (m := free.get(endpoint)) is not None]
         layers = {t.layer for t in indexed.tensors if t.layer is not None}
         if not used or not layers:
             return []
