@@ -108,3 +108,29 @@ def test_static_worker_loads_from_its_own_copy(tmp_path: pathlib.Path, model_dir
     finally:
         proxy.close()
         worker.stop()
+
+
+def test_the_disk_floor_and_a_tripped_guard_stop_placement(tmp_path: pathlib.Path) -> None:
+    """The tensor-cache guard's rules hold for placed tensors: no write below the free-space floor, none once it tripped."""
+    from localp2p.worker.tensor_cache import CacheGuard
+    from localp2p.worker.tensor_store import NoRoom
+
+    hasher = Hasher(tmp_path / "native")
+    data = os.urandom(4096)
+    (tmp_path / "src").write_bytes(data)
+    stats = os.statvfs(tmp_path)
+    free = stats.f_bavail * stats.f_frsize
+    full = TensorStore(tmp_path / "full", hasher, None, free + (1 << 30))  # a floor above what is free
+    full.prepare()
+    with pytest.raises(NoRoom):
+        full.place_from_file(fnv1a_py(data), len(data), str(tmp_path / "src"), 0)
+    guard = CacheGuard(tmp_path / "guarded", 0)
+    guard.tripped = True
+    guarded = TensorStore(tmp_path / "guarded", hasher, guard, 0)
+    guarded.prepare()
+    with pytest.raises(NoRoom):
+        guarded.place_from_file(fnv1a_py(data), len(data), str(tmp_path / "src"), 0)
+    assert list((tmp_path / "full").iterdir()) == [] and list((tmp_path / "guarded").iterdir()) == []
+    guard.tripped = False
+    guarded.place_from_file(fnv1a_py(data), len(data), str(tmp_path / "src"), 0)
+    assert guarded.has(fnv1a_py(data), len(data))
