@@ -11,7 +11,7 @@ import pathlib
 from dataclasses import asdict
 from typing import Any
 
-from . import engine, nat
+from . import engine, mesh, nat
 from .generation import CONFIGS, LABELS
 from .stats import ratio
 from .table import Row, fmt, goal_row, mm
@@ -283,6 +283,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
     rows += engine.rows(sections.get("engine"))
     rows += nat.rows(sections.get("nat"))
     rows += weights_rows(sections.get("weights"))
+    rows += mesh.rows(sections.get("mesh"))
     return rows
 
 

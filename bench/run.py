@@ -14,6 +14,7 @@ Sections (each a set of rows in one table, ratios measured in the same run):
 7. engine     bench.engine     localp2p vs llama.cpp's llama-server (bench.llama_server builds it once): single
                                stream, 8 concurrent streams, multi-turn chat, determinism; local and 2 workers
 8. nat        bench.nat        a worker through two NATs (netns, nftables; root): relayed and hole-punched ÷ LAN
+9. mesh       bench.mesh       a request through the lite client (`localp2p client`) vs straight to the server
 10. weights  bench.weights  first load on 3 workers: (a) today, (b) each has the file, (c) one has it (swarm);
                              rehash of an unchanged file on worker restart
 
@@ -40,7 +41,7 @@ from typing import Any
 
 from localp2p.llama.rpc import PROTOCOL_VERSION
 
-from . import cpumodes, discovery, engine, generation, link, models, nat, report
+from . import cpumodes, discovery, engine, generation, link, mesh, models, nat, report
 from .procs import ROOT, Procs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--skip", action="append", default=[], choices=["link", "generation", "1b", "load", "discovery", "cpu", "engine", "nat",
-        "weights"]
+        "weights", "mesh"]
     )
     parser.add_argument(
         "--merge",
@@ -267,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         if "nat" not in args.skip:
             log("8. nat: a worker on the LAN, relayed, hole-punched (network namespaces, nftables)")
             results["sections"]["nat"] = section("nat", nat.run, procs, models.smollm2(), nat.NatPlan(reps=3 if quick else 5), log)
+
+        if "mesh" not in args.skip:
+            log("9. mesh: through the lite client vs straight to the server")
+            mplan = mesh.MeshPlan(reps=4 if quick else 10, threads=args.threads)
+            results["sections"]["mesh"] = section("mesh", mesh.run, procs, models.smollm2(), mplan, log)
         if "weights" not in args.skip and not quick and "1b" not in args.skip:
             from . import weights  # noqa: PLC0415 - one section's module, loaded when it runs
 

@@ -223,6 +223,9 @@ async def serve_asgi(stream: INetStream, app: Callable[..., Any], extra_scope: d
     }
     gone = trio.Event()
     state = {"body_sent": False, "ended": False}
+    #: The answer's head, held back to go out in one write with the first body part (one
+    #: Noise frame and one Yamux frame fewer before the first byte).
+    pending = bytearray()
 
     async def receive() -> dict[str, Any]:
         if not state["body_sent"]:
@@ -236,10 +239,11 @@ async def serve_asgi(stream: INetStream, app: Callable[..., Any], extra_scope: d
         if kind == "http.response.start":
             headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
             payload = json.dumps({"status": int(message["status"]), "headers": headers}, separators=(",", ":")).encode()
-            await shielded_write(stream, frame(payload))
+            pending.extend(frame(payload))
         elif kind == "http.response.body":
             data = bytes(message.get("body", b""))
-            out = frame(data) if data else b""
+            out = bytes(pending) + (frame(data) if data else b"")
+            pending.clear()
             if not message.get("more_body", False):
                 out += frame(b"")
                 state["ended"] = True
