@@ -9,9 +9,12 @@ Every server has ``--api-key``. Needs root; skips with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import openai
 import pytest
 from test_mesh_api import MESSAGES, MODEL, Node, chat_text, peer_id_for, start_client, start_server, streamed_text, wait_models
@@ -104,21 +107,34 @@ def test_api_key_holds_through_the_lite_client(cluster: Delegating) -> None:
         assert refused.value.body["code"] == "invalid_api_key"  # type: ignore[index]
 
 
-def test_provider_gone(cluster: Delegating) -> None:
-    expected = chat_text(cluster.fallback.sdk(api_key=KEY))  # delegated: the provider answers
-    assert _served_for(cluster.provider, _peer_of(cluster.fallback)) >= 1
-    cluster.provider.proc.kill()
-    # without --fallback-to-local: a clear 503 (the timeout bounds reaching the provider)
-    reply = cluster.allowed.http.post(
+def _delegated(node: Node) -> httpx.Response:
+    """A chat request to ``node`` with the key; the client's own limit is far above the delegate timeout."""
+    return node.http.post(
         "/v1/chat/completions",
         json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4},
         headers={"Authorization": f"Bearer {KEY}"},
-        timeout=DELEGATE_TIMEOUT + 30,
+        timeout=DELEGATE_TIMEOUT + 60,
     )
+
+
+def test_provider_frozen_then_gone(cluster: Delegating) -> None:
+    expected = chat_text(cluster.fallback.sdk(api_key=KEY))  # delegated: the provider answers
+    assert _served_for(cluster.provider, _peer_of(cluster.fallback)) >= 1
+    # Frozen (SIGSTOP): connected, but it answers nothing: the delegate timeout, not a hang.
+    os.kill(cluster.provider.proc.pid, signal.SIGSTOP)
+    try:
+        reply = _delegated(cluster.allowed)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "provider_unavailable", reply.text
+        assert chat_text(cluster.fallback.sdk(api_key=KEY)) == expected  # served locally
+    finally:
+        os.kill(cluster.provider.proc.pid, signal.SIGCONT)
+    cluster.provider.proc.kill()
+    # gone: without --fallback-to-local a clear 503
+    reply = _delegated(cluster.allowed)
     assert reply.status_code == 503, reply.text
     assert reply.json()["error"]["code"] == "provider_unavailable", reply.text
     # with it: answered here, the same text
     assert chat_text(cluster.fallback.sdk(api_key=KEY)) == expected
     assert streamed_text(cluster.fallback.sdk(api_key=KEY)) == expected
     mesh = cluster.fallback.http.get("/api/p2p", headers={"Authorization": f"Bearer {KEY}"}).json()["mesh"]
-    assert mesh["delegation_fallbacks"] >= 2
+    assert mesh["delegation_fallbacks"] >= 3
