@@ -21,6 +21,7 @@ killed, the server gone) resumes at the next plan with what the cache holds by t
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,8 @@ log = get_logger("weights")
 #: Fetches running at once per source: two keep a peer's pipe busy while the other's
 #: request is on its way; more would only split its bandwidth.
 SLOTS_PER_SOURCE = 2
+#: Local copies (copy, then hash check) running at once: the hash is one core's work per tensor.
+LOCAL_COPIES = max(1, min(4, os.cpu_count() or 1))
 #: Seconds to dial and authenticate a peer named in a plan before doing without it.
 CONNECT_TIMEOUT = 5.0
 #: Seconds between progress messages to the server.
@@ -290,12 +293,21 @@ async def fill_cache(
     tensor left to llama.cpp); Cancelled propagates, leaving no partial file behind.
     """
     report.total = sum(t.size for t in tensors)
-    todo = []
-    for t in tensors:
-        if await trio.to_thread.run_sync(store.has, t.hash, t.size):
-            report.cached += t.size
-        elif not await _place_local(store, local, t, report):
-            todo.append(t)
+    todo: list[PlannedTensor] = []
+    limit = trio.CapacityLimiter(LOCAL_COPIES)
+
+    async def place(t: PlannedTensor) -> None:
+        async with limit:
+            if await trio.to_thread.run_sync(store.has, t.hash, t.size):
+                report.cached += t.size
+            elif not await _place_local(store, local, t, report):
+                todo.append(t)
+
+    async with trio.open_nursery() as nursery:
+        for t in tensors:
+            nursery.start_soon(place, t)
+    order = {t.hash: i for i, t in enumerate(tensors)}
+    todo.sort(key=lambda t: order[t.hash])  # plan order: llama.cpp loads in file order
     if todo:
         await _fetch_remote(node, gate, store, todo, [s for s in sources if s.peer_id != node.peer_id], report)
     report.done = True
