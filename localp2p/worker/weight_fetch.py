@@ -8,8 +8,9 @@ that may have them. :func:`fill_cache` then, for each tensor not in the cache ye
 2. else fetches it over tensor streams from the peers that have it (asked first with
    one "have" request each), several tensors at once from several peers: each peer
    has SLOTS_PER_SOURCE fetches running and takes the next tensor as soon as one
-   ends, so faster peers send more. The server is a source only for tensors no
-   worker peer can send (its uplink is the one every worker shares).
+   ends, so faster peers send more. The server sends at most SERVER_SHARE of what a
+   worker fetches while worker peers can send the rest (its uplink is the one every
+   worker shares), and everything no worker peer can send.
 
 Every tensor is checked against its hash before it enters the cache (TensorStore).
 One that fails is fetched again from another source, and the peer that sent it is
@@ -57,6 +58,10 @@ log = get_logger("weights")
 #: Fetches running at once per source: two keep a peer's pipe busy while the other's
 #: request is on its way; more would only split its bandwidth.
 SLOTS_PER_SOURCE = 2
+#: Most of a worker's fetched bytes the server sends while worker peers have the tensors:
+#: its uplink adds bandwidth to theirs (it is often the fastest source), but it is shared by
+#: every worker, and the point of the swarm is to spare it (issue 16's goal: ≤ 40 %).
+SERVER_SHARE = 0.3
 #: Local copies (copy, then hash check) running at once: the hash is one core's work per tensor.
 LOCAL_COPIES = max(1, min(4, os.cpu_count() or 1))
 #: Seconds to dial and authenticate a peer named in a plan before doing without it.
@@ -195,6 +200,8 @@ async def _fetch_remote(
         for source in sources:
             nursery.start_soon(_learn_holdings, node, gate, source, todo)
     pending = {t.hash: t for t in todo}
+    remote_total = sum(t.size for t in todo)
+    server_in_flight = 0  # bytes the server is sending now
     in_flight: set[int] = set()
     failed_from: dict[int, set[ID]] = {}
     changed = trio.Event()
@@ -211,8 +218,12 @@ async def _fetch_remote(
         for h, t in pending.items():
             if h in in_flight or not can_send(source, h):
                 continue
-            if source.role == "server" and any(can_send(s, h) for s in sources if s.role != "server"):
-                continue  # a worker peer has it: spare the server's uplink
+            if (
+                source.role == "server"
+                and any(can_send(s, h) for s in sources if s.role != "server")
+                and report.server + server_in_flight + t.size > SERVER_SHARE * remote_total
+            ):
+                continue  # a worker peer has it, and the server has sent its share: spare its uplink
             return t
         return None
 
@@ -221,6 +232,7 @@ async def _fetch_remote(
         return not in_flight and not any(can_send(source, h) for h in pending)
 
     async def slot(source: Source) -> None:
+        nonlocal server_in_flight
         while source.alive and pending:
             t = pick(source)
             if t is None:
@@ -229,6 +241,8 @@ async def _fetch_remote(
                 await changed.wait()
                 continue
             in_flight.add(t.hash)
+            from_server = t.size if source.role == "server" else 0
+            server_in_flight += from_server
             try:
                 await _fetch_one(node, store, source, t)
             except TensorMismatch as exc:
@@ -258,6 +272,7 @@ async def _fetch_remote(
                     report.peers += t.size
             finally:
                 in_flight.discard(t.hash)
+                server_in_flight -= from_server
                 wake()
 
     async with trio.open_nursery() as nursery:
