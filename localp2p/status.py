@@ -223,6 +223,40 @@ def _worker_lines(p2p: dict[str, Any]) -> list[str]:
     return [*lines, "workers:", *_table(rows)]
 
 
+def _mesh_lines(p2p: dict[str, Any]) -> list[str]:
+    """The other API servers (models, load, our requests to each) and the peers using this API."""
+    lines = []
+    servers = p2p.get("servers") or []
+    if servers:
+        rows = [
+            [
+                short_peer_id(str(s.get("peer_id", "?"))),
+                str(s.get("name") or "-"),
+                "online" if s.get("online") else str(s.get("state") or "offline"),
+                ", ".join(map(str, s.get("models") or [])) or "-",
+                f"{s.get('admitted', 0)} queued or running",
+                f"{s.get('requests_forwarded', 0)} sent there",
+            ]
+            for s in servers
+        ]
+        lines += ["servers:", *_table(rows)]
+    clients = p2p.get("clients") or []
+    if clients:
+        rows = [
+            [
+                short_peer_id(str(c.get("peer_id", "?"))),
+                str(c.get("name") or "-"),
+                str(c.get("role") or "peer"),
+                f"{c.get('requests_served', 0)} served",
+                f"{c.get('requests_in_flight', 0)} in flight",
+                "" if c.get("admitted", True) else "refused by the firewall",
+            ]
+            for c in clients
+        ]
+        lines += ["clients:", *_table(rows)]
+    return lines
+
+
 def _devices_text(worker: dict[str, Any]) -> str:
     """``Vulkan0 GPU`` or ``CPU``: the ggml devices the worker's rpc-server serves (``-`` when it did not say)."""
     names = []
@@ -287,6 +321,7 @@ def render(data: dict[str, Any]) -> str:
     lines += _device_lines(status)
     if data.get("p2p") is not None:
         lines += _worker_lines(data["p2p"])
+        lines += _mesh_lines(data["p2p"])
     lines += _request_lines(status)
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from localp2p.status import render
 from localp2p.testing.cluster import LOCALP2P, new_token
 
 PEER = "12D3KooWQU8i1RiXwopPhwydhLTYVLwMs9ZKDARnBae5hc2Anufq"
@@ -35,3 +36,23 @@ def test_bad_mesh_flags_are_one_line(args: list[str], needle: str) -> None:
     assert out.returncode == 1, (out.returncode, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_status_lists_servers_and_clients() -> None:
+    data = {
+        "url": "http://127.0.0.1:8080",
+        "status": {"model": "m", "models": ["m"], "backend": {"state": "ready"}, "recent_requests": []},
+        "p2p": {
+            "network_id": "net",
+            "node": {"peer_id": PEER},
+            "workers": [],
+            "servers": [{"peer_id": PEER, "name": "box-a", "online": True, "models": ["m", "n"], "admitted": 2, "requests_forwarded": 5}],
+            "clients": [{"peer_id": PEER, "name": "laptop", "role": "client", "requests_served": 3, "requests_in_flight": 1, "admitted": False}],
+        },
+    }
+    text = render(data)
+    server = next(line for line in text.splitlines() if "box-a" in line)
+    assert "online" in server and "m, n" in server and "2 queued or running" in server and "5 sent there" in server, text
+    client = next(line for line in text.splitlines() if "laptop" in line)
+    assert "client" in client and "3 served" in client and "refused by the firewall" in client, text
+    assert "servers:" in text and "clients:" in text
