@@ -92,18 +92,20 @@ def _start(topo: Topology, i: int, log_dir: pathlib.Path, name: str, args: list[
     return node
 
 
-def start_server(topo: Topology, i: int, log_dir: pathlib.Path, token: str, name: str, *flags: str) -> Node:
-    args = ["run", "--p2p", "--threads", "1", "--p2p-no-dht", *flags]
+def start_server(topo: Topology, i: int, log_dir: pathlib.Path, token: str, name: str, *flags: str, dht: bool = False) -> Node:
+    """``run --p2p`` found by mDNS only (``dht``: by the DHT only)."""
+    args = ["run", "--p2p", "--threads", "1", "--p2p-no-mdns" if dht else "--p2p-no-dht", *flags]
     return _start(topo, i, log_dir, name, args, {"P2P_TOKEN": token, "LLAMACPP_GRPC_SERVERS": ""}, "/readyz")
 
 
-def start_client(topo: Topology, i: int, log_dir: pathlib.Path, token: str, name: str = "client") -> Node:
-    """``localp2p client`` with llama_cpp unimportable (a package on PYTHONPATH that raises)."""
+def start_client(topo: Topology, i: int, log_dir: pathlib.Path, token: str, name: str = "client", *flags: str) -> Node:
+    """``localp2p client`` with llama_cpp unimportable (a package on PYTHONPATH that raises); ``flags``
+    replace its discovery flag (default ``--p2p-no-dht``: mDNS only)."""
     poison = log_dir / "no-llama"
     (poison / "llama_cpp").mkdir(parents=True, exist_ok=True)
     (poison / "llama_cpp" / "__init__.py").write_text("raise ImportError('the lite client must not import llama_cpp')\n")
     env = {"TOKEN": token, "PYTHONPATH": str(poison)}
-    return _start(topo, i, log_dir, name, ["client", "--p2p-no-dht"], env, "localp2p client ready")
+    return _start(topo, i, log_dir, name, ["client", *(flags or ("--p2p-no-dht",))], env, "localp2p client ready")
 
 
 def peer_id_for(state_dir: pathlib.Path) -> str:
