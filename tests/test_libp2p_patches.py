@@ -131,6 +131,54 @@ def test_yamux_patch_installed() -> None:
     _libp2p.install()
     assert muxer_multistream.Yamux is yamux.ReaderNeverBlocksYamux
     assert yamux.YAMUX_RELEASE_ON_READ_ENV in os.environ  # ours, or the operator's own
+    assert YamuxStream._auto_tune_and_send_window_update is yamux.credit_in_batches
+
+
+def test_yamux_window_update_upstream_shape() -> None:
+    """Upstream's method has the branch the patch leaves out, and what the patch relies on."""
+    source = inspect.getsource(yamux._upstream_window_update)
+    assert "0 < delta < threshold and bytes_read > 0" in source and "_pending_recv_release" in source
+    assert _params(yamux._upstream_window_update) == ["self", "bytes_read"]
+    assert _params(YamuxStream._grow_to_delta) == ["self", "buffered"]
+    assert _params(YamuxStream._apply_autotune_epoch) == ["self", "buffered"]
+    assert _params(YamuxStream.send_window_update) == ["self", "increment", "skip_lock"]
+
+
+def test_small_reads_send_no_window_update_each() -> None:
+    """500 echo round trips of 200 bytes: credit goes back in a few batches, not after
+    every other read (upstream: one WINDOW_UPDATE per round trip), and the bytes arrive."""
+    updates = 0
+    send_window_update = YamuxStream.send_window_update
+
+    async def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal updates
+        updates += 1
+        await send_window_update(self, *args, **kwargs)
+
+    async def echo(stream: Any) -> None:
+        while data := await stream.read(65536):
+            await stream.write(data)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with open_node(create_new_key_pair(), LOOPBACK) as a, open_node(create_new_key_pair(), LOOPBACK) as b:
+                b.set_handler(ECHO, echo)
+                await a.connect(b.peer_info)
+                stream = await a.new_stream(b.peer_id, ECHO)
+                for i in range(500):
+                    chunk = bytes([i % 251]) * 200
+                    await stream.write(chunk)
+                    got = b""
+                    while len(got) < len(chunk):
+                        got += await stream.read(len(chunk) - len(got))
+                    assert got == chunk
+                await stream.close()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(YamuxStream, "send_window_update", counting)
+        trio.run(main)
+    # 2 x 500 x 200 bytes read = 200 KB in all, under one 256 KiB window per side.
+    assert updates <= 4, updates
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Process-wide (:func:`install`):
 
 * :mod:`.yamux` - ``ReaderNeverBlocksYamux`` (reader deadlock, inbound stream cap,
   reset streams' data freed) swapped into ``muxer_multistream``, and
-  ``PY_YAMUX_RELEASE_ON_READ=0`` by default (batched window updates).
+  ``PY_YAMUX_RELEASE_ON_READ=0`` by default with ``credit_in_batches`` (window updates
+  in batches, not after every other small read).
 * :mod:`.hotpath` - buffered TCP reads and locks that do not yield when free.
 * :mod:`.log_limits` - py-libp2p's "Failed to open stream to peer" error once per
   peer per minute.

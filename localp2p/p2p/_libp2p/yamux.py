@@ -23,6 +23,14 @@ Patches (installed by :func:`install`):
   frame, one more encrypted frame each way per relayed chunk. py-libp2p reads the
   variable at call time (``yamux._yamux_release_on_read``); an operator's own
   setting wins.
+* :func:`credit_in_batches` replaces ``YamuxStream._auto_tune_and_send_window_update``
+  while that switch is off: upstream still sent a WINDOW_UPDATE after every read that
+  left *any* slack in the window (its "partial slack" branch), i.e. after half of all
+  small reads (1,000 echo round trips of 200 bytes: 1,000 updates). As in go-yamux, credit
+  now goes back once half the window is owed. Relies on the stream's ``window_lock``,
+  ``recv_window``, ``target_recv_window``, ``_pending_recv_release``, ``_grow_threshold()``,
+  ``_grow_to_delta(buffered)``, ``_apply_autotune_epoch(buffered)``,
+  ``send_window_update(delta, skip_lock=)`` and ``conn.stream_buffers``.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from typing import Any
 
 import trio
 from libp2p.stream_muxer import muxer_multistream
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux import yamux as upstream_yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from localp2p.logs import get_logger
 
@@ -135,6 +144,37 @@ class ReaderNeverBlocksYamux(Yamux):
             await Yamux._write_frame(self, data)
 
 
+_upstream_window_update = YamuxStream._auto_tune_and_send_window_update
+
+
+async def credit_in_batches(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """Upstream's window update without its "partial slack" branch (see the module docstring).
+
+    Credit goes back when what is owed (the window's shortfall, or the bytes read since
+    the last update) reaches the threshold, half the window. With the release-on-read
+    switch on, upstream's own method runs.
+    """
+    if upstream_yamux._yamux_release_on_read():
+        await _upstream_window_update(self, bytes_read=bytes_read)
+        return
+    total_delta = 0
+    async with self.window_lock:
+        if bytes_read > 0:
+            self._pending_recv_release += bytes_read
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        threshold = self._grow_threshold()
+        if delta >= threshold and delta > 0:
+            total_delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        elif self._pending_recv_release >= threshold:
+            self.recv_window += self._pending_recv_release
+            total_delta = self._pending_recv_release + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+    if total_delta > 0:
+        await self.send_window_update(total_delta, skip_lock=True)
+
+
 def install() -> None:
     """Make py-libp2p build :class:`ReaderNeverBlocksYamux` and default to batched credit (idempotent).
 
@@ -144,4 +184,10 @@ def install() -> None:
     if not hasattr(muxer_multistream, "Yamux"):
         raise AttributeError("py-libp2p's muxer_multistream has no module-level Yamux to replace")
     muxer_multistream.Yamux = ReaderNeverBlocksYamux  # type: ignore[misc]
+    for name in ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch", "send_window_update"):
+        if not callable(getattr(YamuxStream, name, None)):
+            raise AttributeError(f"py-libp2p's YamuxStream has no {name}")
+    if not callable(getattr(upstream_yamux, "_yamux_release_on_read", None)):
+        raise AttributeError("py-libp2p's yamux module has no _yamux_release_on_read")
+    YamuxStream._auto_tune_and_send_window_update = credit_in_batches  # type: ignore[method-assign]
     os.environ.setdefault(YAMUX_RELEASE_ON_READ_ENV, YAMUX_RELEASE_ON_READ_DEFAULT)
