@@ -39,7 +39,8 @@ class LoadProgress:
     loaded so far: llama.cpp reports progress over all tensors, not per device, so
     these count bytes loaded, of which the workers' share crosses the network.
     ``network_bytes`` counts what really crossed to the workers during this load, where
-    the supervisor can see it (p2p: the tunnels' counters), and ``from_cache`` says, once
+    the supervisor can see it (p2p: the tunnels' counters, plus the tensors the workers
+    fetched from peers and the server before llama.cpp loaded; not their local copies), and ``from_cache`` says, once
     the load is done, whether the workers' tensor caches spared nearly all of their
     share (None where the bytes cannot be seen: static mode, or no layer on a worker).
     llama.cpp itself does not report cache hits.
@@ -58,6 +59,10 @@ class LoadProgress:
     #: ``total``, ``cached``, ``local``, ``peers``, ``server``, ``missing`` ...; see
     #: localp2p.server.weight_plan). Empty when no plan ran (static mode, no index).
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def fetched_bytes(self) -> int:
+        """Weight bytes the workers fetched before llama.cpp loaded (from peers and the server): network too."""
+        return sum(int(w.get("peers") or 0) + int(w.get("server") or 0) for w in self.weights.values())
 
     @property
     def rate(self) -> float | None:

@@ -455,7 +455,7 @@ class BackendSupervisor:
         self.status.load_seconds = round(time.monotonic() - started, 3)
         await self.refresh_status(client)
         if network_start is not None and self._network_bytes is not None:
-            progress.network_bytes = self._network_bytes() - network_start
+            progress.network_bytes = self._network_bytes() - network_start + progress.fetched_bytes()
             progress.from_cache = cached_load(progress, self.status.layers_total, self.status.layers_local)
         log_progress(name, progress, "model loaded")
 
