@@ -36,11 +36,11 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from multiaddr import Multiaddr
 
 from localp2p.logs import get_logger
 
 from .api_stream import ApiCallFailed, ApiReply, ApiStreamBroken, RequestHead, call, read_info
+from .attendance import PeerAttendance
 from .auth import AuthError, AuthGate
 from .discovery import Candidate
 from .links import Links
@@ -179,21 +179,20 @@ async def tee_candidates(receive: trio.MemoryReceiveChannel[Candidate], *sends: 
                 await send.send(candidate)
 
 
-class ServerDirectory:
+class ServerDirectory(PeerAttendance):
     """The network's API servers as this node sees them; one task per server keeps its entry current.
 
     Owns the entries (read by the choice, ``/v1/models`` and ``/api/p2p``) and our
     per-server request counts. ``exclude`` (a server's own peer id) is never listed.
     """
 
+    role = "server"
+
     def __init__(self, node: P2PNode, gate: AuthGate, links: Links | None = None) -> None:
-        self.node = node
+        super().__init__(node)
         self.gate = gate
         self.links = links
         self._servers: dict[str, ServerEntry] = {}
-        self._attending: set[str] = set()
-        self._announced: dict[str, trio.Event] = {}
-        self._addrs: dict[str, list[Multiaddr]] = {}
         self._changed = trio.Event()
 
     # -- reading ----------------------------------------------------------------------------
@@ -261,29 +260,6 @@ class ServerDirectory:
             event.set()
 
     # -- keeping it current ------------------------------------------------------------------
-
-    async def run(
-        self,
-        candidates: trio.MemoryReceiveChannel[Candidate],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Consume discovery candidates until cancelled; one task per peer that may be a server."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            async for candidate in candidates:
-                key = str(candidate.peer_id)
-                if candidate.gone or key == str(self.node.peer_id):
-                    continue
-                if candidate.role is not None and candidate.role != "server":
-                    continue
-                if candidate.addrs:
-                    self._addrs[key] = list(candidate.addrs)
-                if key in self._attending:
-                    self._announced.get(key, trio.Event()).set()
-                    continue
-                self._attending.add(key)
-                nursery.start_soon(self._attend, candidate.peer_id, candidate.source, candidate.name)
 
     async def _attend(self, peer_id: ID, source: str, name: str | None) -> None:
         """Own one peer: connect and authenticate, then ask for announcements until it stops

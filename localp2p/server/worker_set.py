@@ -18,13 +18,12 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from multiaddr import Multiaddr
 
 from localp2p.llama.burst import RpcBurstFraming
 from localp2p.llama.devices import announced_devices
 from localp2p.logs import get_logger
+from localp2p.p2p.attendance import PeerAttendance
 from localp2p.p2p.auth import AuthError, AuthGate
-from localp2p.p2p.discovery import Candidate
 from localp2p.p2p.links import Links
 from localp2p.p2p.liveness import MAX_MISSED, PING_INTERVAL, Pinger, PingFailed, PingFailure
 from localp2p.p2p.node import P2PNode
@@ -187,51 +186,26 @@ class WorkerSet:
             await self.wait_changed(self.version)
 
 
-class WorkerAttacher:
+class WorkerAttacher(PeerAttendance):
     """Turns candidates into attached workers and keeps each one's tunnel and pings running.
 
     One task per peer (in the attacher's nursery) owns that peer's connection
     attempts, tunnel listener and liveness; the set only stores the results.
     """
 
+    role = "worker"
+
     def __init__(self, node: P2PNode, gate: AuthGate, workers: WorkerSet, links: Links | None = None) -> None:
-        self.node = node
+        super().__init__(node)
         self.gate = gate
         self.workers = workers
         #: Dials through relays when direct fails, and says how each worker is connected.
         self.links = links
-        self._attending: set[str] = set()
-        self._known_addrs: dict[str, list[Multiaddr]] = {}
+        #: Peers that proved the token with another role: not attended again.
         self._non_workers: set[str] = set()
-        #: Per attended peer: set when discovery announces it again, to end a backoff early.
-        self._announced: dict[str, trio.Event] = {}
 
-    async def run(
-        self,
-        candidates: trio.MemoryReceiveChannel[Candidate],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Consume discovery candidates until cancelled; one attend task per peer."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            async for candidate in candidates:
-                key = str(candidate.peer_id)
-                if candidate.gone or key == str(self.node.peer_id):
-                    continue
-                if candidate.role is not None and candidate.role != "worker":
-                    continue
-                if candidate.addrs:
-                    self._known_addrs[key] = list(candidate.addrs)
-                if key in self._attending:
-                    # Announced again (a restarted worker, new addresses): a peer waiting
-                    # out a retry backoff tries at once.
-                    self._announced.get(key, trio.Event()).set()
-                    continue
-                if key in self._non_workers:
-                    continue
-                self._attending.add(key)
-                nursery.start_soon(self._attend, candidate.peer_id, candidate.source, candidate.name)
+    def _skip(self, key: str) -> bool:
+        return key in self._non_workers
 
     async def _attend(self, peer_id: ID, source: str, name: str | None) -> None:
         """Own one peer for as long as the server runs: attach, watch, re-attach.
@@ -284,7 +258,7 @@ class WorkerAttacher:
 
     async def _attempt(self, peer_id: ID, source: str, name: str | None) -> Worker | None:
         key = str(peer_id)
-        addrs = self._known_addrs.get(key, [])
+        addrs = self._addrs.get(key, [])
         self._forget_dial_failure(peer_id)
         try:
             with trio.fail_after(ATTACH_TIMEOUT):
