@@ -114,7 +114,8 @@ def test_load_progress(cluster: tuple[Server, Proc, str]) -> None:
     status = server.status()
     assert any(d["endpoint"] == endpoint and d["layers"] > 0 for d in status["devices"])
     progress = status["load_progress"]
-    assert set(progress) == {"active", "fraction", "bytes_sent", "bytes_total", "rate_bytes_per_s", "eta_s", "from_cache", "network_bytes"}
+    assert set(progress) == {"active", "fraction", "bytes_sent", "bytes_total", "rate_bytes_per_s", "eta_s", "from_cache", "network_bytes", "weights"}
+    assert progress["weights"] == {}  # a static rpc-server is not a p2p worker: nothing fetched before the load
     assert progress["active"] is False
     assert progress["fraction"] == 1.0
     assert progress["bytes_total"] > 10 << 20  # the embedded model is ~100 MB
