@@ -134,3 +134,15 @@ def test_the_disk_floor_and_a_tripped_guard_stop_placement(tmp_path: pathlib.Pat
     guard.tripped = False
     guarded.place_from_file(fnv1a_py(data), len(data), str(tmp_path / "src"), 0)
     assert guarded.has(fnv1a_py(data), len(data))
+
+
+def test_unfinished_files_of_a_killed_worker_are_removed(tmp_path: pathlib.Path) -> None:
+    """A worker killed mid-fetch leaves only a hidden temporary file: never a cache entry, removed at its next start."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".0123456789abcdef.4242a1b2c3.part").write_bytes(b"half a tensor")
+    (cache / "0123456789abcdef").write_bytes(b"an rpc-server's file")  # not ours: kept
+    (cache / "notes.txt").write_text("the user's")  # not ours: kept
+    store = TensorStore(cache, Hasher(tmp_path / "native"), None, 0)
+    assert store.prepare() == 1
+    assert sorted(p.name for p in cache.iterdir()) == ["0123456789abcdef", "notes.txt"]
