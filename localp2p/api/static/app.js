@@ -251,6 +251,7 @@ async function refresh() {
     $("mode").textContent = p2p ? "p2p" : "static";
     renderNode(p2p);
     renderWorkers(p2p);
+    renderMesh(p2p);
     if (status) {
       renderBackend(status, p2p);
       renderLoadProgress(status.load_progress);
@@ -263,7 +264,6 @@ async function refresh() {
     if (err instanceof AuthNeeded) showAuth(err.message);
     status_.textContent = err instanceof AuthNeeded ? "waiting for an API key" : "cannot refresh: " + err.message;
     status_.dataset.ok = "false";
-    renderMesh(p2p);
   } finally {
     inFlight = false;
     schedule(soon ? 0 : REFRESH_MS);
