@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "mesh" not in args.skip:
             log("9. mesh: through the lite client vs straight to the server")
-            mplan = mesh.MeshPlan(reps=4 if quick else 10, threads=args.threads)
+            mplan = mesh.MeshPlan(reps=4 if quick else mesh.REPS, threads=args.threads)
             results["sections"]["mesh"] = section("mesh", mesh.run, procs, models.smollm2(), mplan, log)
         if "weights" not in args.skip and not quick and "1b" not in args.skip:
             from . import weights  # noqa: PLC0415 - one section's module, loaded when it runs
