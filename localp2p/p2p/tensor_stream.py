@@ -175,16 +175,29 @@ def tensor_handler(gate: AuthGate, locate: Locate, served: Callable[[ID, int], N
     return handle_tensors
 
 
+async def _request(node: P2PNode, peer: ID, message: dict[str, Any]) -> INetStream:
+    """A new tensor stream to ``peer`` with ``message`` sent on it; the caller owns the stream.
+
+    :raises TensorStreamError: the stream could not be opened.
+    """
+    try:
+        stream = await node.new_stream(peer, TENSOR_PROTOCOL)
+    except Exception as exc:
+        raise TensorStreamError(f"cannot open a tensor stream ({type(exc).__name__}: {exc})") from None
+    try:
+        await write_message(stream, message)
+    except BaseException:
+        await quiet_reset(stream)
+        raise
+    return stream
+
+
 async def ask_have(node: P2PNode, peer: ID, hashes: list[int]) -> set[int]:
     """Which of ``hashes`` ``peer`` can send. :raises TensorStreamError: (any failure, timeouts included)."""
     stream: INetStream | None = None
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
-            try:
-                stream = await node.new_stream(peer, TENSOR_PROTOCOL)
-            except Exception as exc:
-                raise TensorStreamError(f"cannot open a tensor stream ({type(exc).__name__}: {exc})") from None
-            await write_message(stream, {"op": "have", "hashes": [f"{h:016x}" for h in hashes]})
+            stream = await _request(node, peer, {"op": "have", "hashes": [f"{h:016x}" for h in hashes]})
             reply = await read_message(stream)
         have = reply.get("have")
         if not isinstance(have, list):
@@ -206,11 +219,7 @@ async def get_tensor(node: P2PNode, peer: ID, hash_: int, size: int, sink: Calla
     ok = False
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
-            try:
-                stream = await node.new_stream(peer, TENSOR_PROTOCOL)
-            except Exception as exc:
-                raise TensorStreamError(f"cannot open a tensor stream ({type(exc).__name__}: {exc})") from None
-            await write_message(stream, {"op": "get", "hash": f"{hash_:016x}", "size": size})
+            stream = await _request(node, peer, {"op": "get", "hash": f"{hash_:016x}", "size": size})
             status = await read_exactly(stream, 1)
         if status[0] != STATUS_OK:
             raise TensorStreamError("the peer does not have it")
