@@ -18,6 +18,7 @@ else is relayed as read. Pass the class itself as the tunnel's ``framing``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from .rpc import RPC_CMD_HELLO, MessageBoundaries
@@ -58,10 +59,11 @@ class RpcBurstFraming:
         if self._speaks_rpc is None and data:
             self._speaks_rpc = data[0] == RPC_CMD_HELLO
 
-    def from_peer(self, data: bytes) -> None:
+    def from_peer(self, data: bytes) -> Awaitable[None] | None:
         """Note bytes the peer sent (relayed to TCP): at the worker end, the first request."""
         if self._side == "worker":
             self._decide(data)
+        return None
 
     def ends_burst(self, data: bytes) -> bool:
         """Account for ``data`` read from TCP; True if it ends a message somebody waits for.

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 PROTOCOL_VERSION = (7, 0, 0)
 
 RPC_CMD_SET_TENSOR = 6
+#: ``| rpc_tensor | offset u64 | hash u64 |``: "set this tensor from your cache if you hold
+#: the bytes whose 64-bit FNV-1a is ``hash``" (sent for tensors above the hash threshold).
+RPC_CMD_SET_TENSOR_HASH = 7
 RPC_CMD_GRAPH_COMPUTE = 10
 RPC_CMD_GET_DEVICE_MEMORY = 11
 RPC_CMD_HELLO = 14
@@ -134,6 +137,53 @@ class MessageBoundaries:
         if self._left or self._header:
             return False
         return not self._requests or self._cmd not in UNANSWERED_COMMANDS
+
+
+class CacheRequests:
+    """The hashes of the SET_TENSOR_HASH requests in one connection's request bytes.
+
+    Feed it every chunk the client sent, in order; :meth:`feed` returns the hashes of
+    the SET_TENSOR_HASH requests that end in that chunk (the hash is the request's last
+    8 bytes). Keeps only the current message's header, remaining length and, for
+    SET_TENSOR_HASH, its last bytes; other payloads (weights) are skipped, not copied.
+
+    :raises ValueError: (from :meth:`feed`) on a length no ggml-RPC message has.
+    """
+
+    __slots__ = ("_cmd", "_header", "_left", "_tail")
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0
+        self._cmd = -1
+        self._tail = bytearray()
+
+    def feed(self, data: bytes) -> list[int]:
+        """Account for ``data``; the hashes of the SET_TENSOR_HASH requests it completes."""
+        done: list[int] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                take = min(self._left, n - i)
+                if self._cmd == RPC_CMD_SET_TENSOR_HASH:
+                    self._tail += data[i : i + take]
+                    del self._tail[:-8]
+                self._left -= take
+                i += take
+                if not self._left and self._cmd == RPC_CMD_SET_TENSOR_HASH and len(self._tail) == 8:
+                    done.append(struct.unpack("<Q", self._tail)[0])
+                continue
+            need = 9 - len(self._header)
+            self._header += data[i : i + need]
+            i += need
+            if len(self._header) < 9:
+                break
+            self._cmd, self._left = struct.unpack("<BQ", self._header)
+            self._header.clear()
+            self._tail.clear()
+            if self._left > MAX_MESSAGE:
+                raise ValueError(f"a {self._left}-byte message is not ggml-RPC")
+        return done
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

@@ -27,7 +27,9 @@ direction that stopped reading would kill the other side's writes. The
 TCP -> libp2p direction may gather several reads into one frame: the caller's
 ``framing`` (:data:`Framing`, default :class:`PassThrough`: every read goes as
 read) says where a burst ends, and the relay holds bytes until then, never longer
-than its ``hold_timeout``. Every frame costs both ends Python time in Noise and
+than its ``hold_timeout``. The framing may also hold the other direction: bytes
+from the peer go on to TCP once what its ``from_peer`` returned has been awaited
+(the worker's tensor gate, localp2p.worker.tensor_gate). Every frame costs both ends Python time in Noise and
 Yamux; llama.cpp's connections use :class:`~localp2p.llama.burst.RpcBurstFraming`
 (one frame per ggml-RPC burst, each way). An EOF in one
 direction is passed on as a half-close (TCP ``shutdown(SHUT_WR)`` / Yamux FIN);
@@ -42,7 +44,7 @@ window is short and only teardown cancels a relay.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -135,8 +137,9 @@ class ConnectionFraming(Protocol):
     #: Bytes gathered at most; a read at least this big goes as read.
     gather_limit: int
 
-    def from_peer(self, data: bytes) -> None:
-        """Note ``data`` the libp2p stream delivered (relayed to TCP)."""
+    def from_peer(self, data: bytes) -> Awaitable[None] | None:
+        """Note ``data`` the libp2p stream delivered; the relay awaits what this returns
+        before it passes ``data`` on to TCP (None: at once)."""
 
     def ends_burst(self, data: bytes) -> bool:
         """Account for ``data`` read from TCP; True if it and what is held go on now."""
@@ -155,7 +158,7 @@ class PassThrough:
     def __init__(self, side: Role) -> None:
         del side  # the same at both ends
 
-    def from_peer(self, data: bytes) -> None:
+    def from_peer(self, data: bytes) -> Awaitable[None] | None:
         return None
 
     def ends_burst(self, data: bytes) -> bool:
@@ -237,7 +240,9 @@ async def relay(
                     break
                 if not data:
                     break
-                frames.from_peer(data)
+                hold = frames.from_peer(data)
+                if hold is not None:  # e.g. a tensor the rpc-server is asked for is still being placed
+                    await hold
                 await tcp_stream.send_all(data)
                 setattr(stats, count_down, getattr(stats, count_down) + len(data))
             await tcp_stream.send_eof()

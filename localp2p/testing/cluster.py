@@ -383,14 +383,18 @@ def stream_text(events: Iterator[dict[str, Any] | str]) -> tuple[str, list[dict[
 class CountingProxy:
     """A TCP relay on 127.0.0.1 that counts the bytes going each way (test instrumentation).
 
-    Used to measure what crosses the network between a server and an rpc-server.
+    Used to measure what crosses the network between a server and an rpc-server. With
+    ``record``, it also keeps what each connection sent to the target (``requests``, one
+    bytearray per connection, in accept order).
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, record: bool = False) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.to_target = 0
         self.from_target = 0
+        self.record = record
+        self.requests: list[bytearray] = []
         self._lock = threading.Lock()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -405,14 +409,19 @@ class CountingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            sent = bytearray()
+            if self.record:
+                self.requests.append(sent)
+            threading.Thread(target=self._pipe, args=(client, upstream, True, sent), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, None), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool, sent: bytearray | None) -> None:
         try:
             while data := src.recv(1 << 20):
                 dst.sendall(data)
                 with self._lock:
+                    if sent is not None and self.record:
+                        sent += data
                     if outbound:
                         self.to_target += len(data)
                     else:
