@@ -1,7 +1,9 @@
 """Issue 16: weights reach workers from their own model files, from each other, from the server.
 
 p2p on loopback, three workers, a model whose FFN matrices are above llama.cpp's 10 MiB
-hash threshold (the only tensors an rpc-server cache holds). Every variant must answer
+hash threshold (the only tensors an rpc-server cache holds). The fills overlap the load
+(the workers' tensor gates hold llama.cpp's requests), so the byte counts also say that
+nothing crossed twice. Every variant must answer
 byte-identically to the same model run locally (temperature 0); the byte counters of
 ``/api/status`` ``load_progress`` say where each worker's weights came from.
 """
@@ -151,6 +153,10 @@ def test_c_one_worker_has_the_file(tmp_path: pathlib.Path, model_dir: pathlib.Pa
         fetched = sum(weights[name]["total"] for name in ("c1", "c2"))
         assert fetched <= progress["network_bytes"] < fetched + cacheable["below"] + 0.05 * cacheable["above"], progress
         assert progress["from_cache"] is False, progress
+        # The load did not wait for the fetches: llama.cpp was on the workers before they ended
+        # (their tensor gates held what was not there yet).
+        stderr = server.proc.stderr()
+        assert 0 <= stderr.find("rpc-server registered") < stderr.find("workers' weights ready"), stderr[-3000:]
         assert _answer(server) == local_answer
     assert check_caches([tmp_path / "state-c0" / "tensor-cache", tmp_path / "cache-c1", tmp_path / "cache-c2"]) == len(SHAPE_FFN_FILES)
 

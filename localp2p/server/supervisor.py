@@ -67,6 +67,9 @@ DRAIN_TIMEOUT = 60.0
 #: Seconds to wait for the exit code of a backend that broke mid-call (a gRPC error can
 #: come a moment before the kernel reports the process dead).
 CRASH_EXIT_WAIT = 1.0
+#: Seconds a finished load waits for the workers' last fill reports (their fills ended when
+#: llama.cpp took their last tensor; this only lets the final byte counts arrive).
+FILL_REPORT_GRACE = 2.0
 
 
 def model_options(model: ModelConfig, rpc_servers: Sequence[str], threads: int, parallel: int = 0) -> pb.ModelOptions:
@@ -118,10 +121,11 @@ class BackendSupervisor:
         max_queue: int = DEFAULT_MAX_QUEUE,
         network_bytes: Callable[[], int] | None = None,
         cpu_mode: CpuMode = CpuMode.DEFAULT,
-        prepare_weights: Callable[[ModelConfig, tuple[str, ...], LoadProgress], Awaitable[None]] | None = None,
+        prepare_weights: Callable[..., Awaitable[None]] | None = None,
     ) -> None:
         self.models = dict(models)
-        #: Before each load: fill the workers' tensor caches (p2p: localp2p.server.weight_plan).
+        #: As each load starts: the workers' tensor caches filled (p2p: WeightPlanner.prepare, started
+        #: with ``(model, endpoints, progress)``; it reports started(done event) once the load may begin).
         self._prepare_weights = prepare_weights
         #: Admitted (429 beyond ``max_queue``) and in-flight requests.
         self.admission = AdmissionGate(max_queue)
@@ -233,7 +237,9 @@ class BackendSupervisor:
         """Keep a backend process running with the current model loaded, forever.
 
         ``task_status.started()`` comes after the first successful model load; failing
-        that first start raises StartupError (a bad model must stop `run` with one line).
+        that first start raises StartupError (a bad model must stop `run` with one line),
+        unless rpc-servers it loaded on stopped answering (a worker lost mid-load: it is
+        restarted like a later crash).
         Later crashes are restarted with backoff (see IMMEDIATE_BACKEND_RESTARTS); a
         planned reload (drained for a new worker set or model) starts the next process at
         once, is not a restart, and ends a row of crashes (the backoff starts over: a
@@ -260,7 +266,12 @@ class BackendSupervisor:
                     self.status.last_error = message
                     safe_restart = await self._fall_back_to_safe_mode()
                     if not started[0] and not safe_restart:
-                        raise StartupError(message) from None
+                        lost = await unreachable(self._bound) if self._bound else []
+                        if not lost:  # the model, the machine: say so and stop
+                            raise StartupError(message) from None
+                        # A worker went away during the first load (its fill now overlaps the
+                        # load): a network fault, not a bad model; load again on the others.
+                        log.warning("the first load lost rpc-servers; loading again", lost=lost)
                     log.error("backend failed", error=message)
                     self._note_failed_start()
                 self.status.restarts += 1
@@ -435,9 +446,13 @@ class BackendSupervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_load, name, progress, functools.partial(self.refresh_status, client))
             try:
-                if self._prepare_weights is not None:
-                    await self._prepare_weights(model, self._bound, progress)
+                fills: trio.Event | None = None
+                if self._prepare_weights is not None:  # returns once the workers have their plans
+                    fills = await nursery.start(self._prepare_weights, model, self._bound, progress)
                 result = await client.load_model(model_options(model, self._bound, self._threads, self._parallel))
+                if fills is not None:  # the workers' last fill reports (llama.cpp has every tensor by now)
+                    with trio.move_on_after(FILL_REPORT_GRACE):
+                        await fills.wait()
             except BackendError as exc:
                 # Raised outside the nursery: from inside it would come out wrapped in an
                 # ExceptionGroup, past run()'s restart (a worker lost mid-load ended the server).

@@ -6,9 +6,12 @@ applies llama.cpp's split (:func:`localp2p.llama.layers.assign_layers`). From it
 index of the model file (:mod:`localp2p.llama.model_index`) it sends every worker the
 hashes of the cacheable tensors of its layers, with the token holders that may have
 them (itself and the other workers), over ``/localp2p/weights/1.0.0``; the workers
-fill their tensor caches (:mod:`localp2p.worker.weight_fetch`), reporting progress,
-and only then does the backend load. The server also serves its model's tensors on
-``/localp2p/tensors/1.0.0`` to workers that no peer can serve.
+fill their tensor caches (:mod:`localp2p.worker.weight_fetch`), reporting progress.
+The backend loads as soon as every worker has said it has its plan: each worker holds
+llama.cpp's request for a tensor until its fill has placed it
+(:mod:`localp2p.worker.tensor_gate`), so the fills and the load overlap. The server
+also serves its model's tensors on ``/localp2p/tensors/1.0.0`` to workers that no
+peer can serve.
 
 Nothing here can make a load wrong or fail: a worker that does not answer, a split
 that differs from llama.cpp's by a layer, a tensor nobody could send, all end the
@@ -54,6 +57,10 @@ log = get_logger("weights")
 FILL_STALL_TIMEOUT = 30.0
 #: Seconds to open a worker's plan stream.
 OPEN_TIMEOUT = 5.0
+#: Seconds the load waits for a worker to say it has its plan (its first message, sent as
+#: soon as its tensor gate is armed). Past it the load starts anyway: that worker's
+#: requests are not held, and what its cache lacks by then goes through the tunnel.
+ACK_TIMEOUT = 5.0
 #: Seconds for the probe of an rpc-server's free memory (the split): a HELLO round trip
 #: on a LAN; an rpc-server busy with a running backend never answers, and must not hold the load.
 PROBE_TIMEOUT = 2.0
@@ -112,29 +119,52 @@ class WeightPlanner:
         self._held.update(holdings([model]))
         return model
 
-    async def prepare(self, model: ModelConfig, endpoints: tuple[str, ...], progress: LoadProgress) -> None:
-        """Have the workers among ``endpoints`` fill their caches for ``model``; returns when they are done.
+    async def prepare(
+        self,
+        model: ModelConfig,
+        endpoints: tuple[str, ...],
+        progress: LoadProgress,
+        *,
+        task_status: trio.TaskStatus[trio.Event] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Have the workers among ``endpoints`` fill their caches for ``model``.
 
-        Progress goes to ``progress.weights`` (per worker name). Never raises for a
-        worker's failure (logged; llama.cpp sends what is missing); Cancelled propagates.
+        Started with ``nursery.start``: ``started(done)`` once every worker has its plan
+        (or ACK_TIMEOUT passed), so the load can begin; the fills go on in this task and
+        ``done`` is set when they have all ended. Progress goes to ``progress.weights``
+        (per worker name). Never raises for a worker's failure (logged; llama.cpp sends
+        what is missing); Cancelled propagates.
         """
+        done = trio.Event()
+        try:
+            plans = await self._plans_for(model, endpoints)
+            if not plans:
+                task_status.started(done)
+                return
+            started = time.monotonic()
+            acked = trio.Semaphore(0)
+            async with trio.open_nursery() as nursery:
+                for worker, tensors in plans:
+                    nursery.start_soon(self._run_plan, worker, tensors, progress, acked)
+                with trio.move_on_after(ACK_TIMEOUT):
+                    for _ in plans:
+                        await acked.acquire()
+                task_status.started(done)
+            log.info("workers' weights ready", model=model.name, workers=len(plans), seconds=round(time.monotonic() - started, 2))
+        finally:
+            done.set()
+
+    async def _plans_for(self, model: ModelConfig, endpoints: tuple[str, ...]) -> list[tuple[Worker, list[IndexedTensor]]]:
         by_endpoint = {w.endpoint: w for w in self.workers.live() if w.endpoint}
         network = self._network_of()
         if self.node is None and network is not None:
             self.install(network.node, network.gate)
         if self.node is None or not any(ep in by_endpoint and by_endpoint[ep].fills_cache for ep in endpoints):
-            return  # no worker here keeps a tensor cache: nothing to plan (and no file to hash)
+            return []  # no worker here keeps a tensor cache: nothing to plan (and no file to hash)
         indexed = await self.index(model.model_file)
         if indexed is None:
-            return
-        plans = await self._plans(indexed, model, endpoints, by_endpoint)
-        if not plans:
-            return
-        started = time.monotonic()
-        async with trio.open_nursery() as nursery:
-            for worker, tensors in plans:
-                nursery.start_soon(self._run_plan, worker, tensors, progress)
-        log.info("workers' weights ready", model=model.name, workers=len(plans), seconds=round(time.monotonic() - started, 2))
+            return []
+        return await self._plans(indexed, model, endpoints, by_endpoint)
 
     async def _plans(
         self, indexed: IndexedModel, model: ModelConfig, endpoints: tuple[str, ...], by_endpoint: dict[str, Worker]
@@ -185,8 +215,11 @@ class WeightPlanner:
             sources.append({"peer_id": w.peer_id, "role": "worker", "name": w.name, "addrs": list(w.addrs)})
         return sources
 
-    async def _run_plan(self, worker: Worker, tensors: list[IndexedTensor], progress: LoadProgress) -> None:
+    async def _run_plan(self, worker: Worker, tensors: list[IndexedTensor], progress: LoadProgress, acked: trio.Semaphore) -> None:
+        """Send ``worker`` its plan and follow its fill until it ends; ``acked`` is
+        released once: at the worker's first message, or when the plan fails before it."""
         assert self.node is not None
+        answered = False
         plan = {
             "tensors": [[t.name, f"{t.hash:016x}", t.size] for t in tensors],
             "sources": [s for s in self._sources() if s["peer_id"] != worker.peer_id],
@@ -203,6 +236,9 @@ class WeightPlanner:
                 with trio.fail_after(FILL_STALL_TIMEOUT):
                     message = await read_message(stream)
                 entry.update({k: v for k, v in message.items() if k in _FIELDS})
+                if not answered:
+                    answered = True
+                    acked.release()
                 if message.get("done"):
                     ok = True
                     break
@@ -210,8 +246,11 @@ class WeightPlanner:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log.info("worker did not fill its cache; llama.cpp sends its weights", worker=worker.name, error=entry["error"])
         finally:
+            if not answered:
+                acked.release()
             if stream is not None:
-                await (close_or_reset(stream) if ok else quiet_reset(stream))
+                with trio.CancelScope(shield=True):
+                    await (close_or_reset(stream) if ok else quiet_reset(stream))
         entry["done"] = True
         if ok:
             mib = {k: round(int(entry.get(k, 0)) / 2**20, 1) for k in ("local", "peers", "server", "cached", "missing")}
@@ -224,9 +263,10 @@ class WeightPlanner:
                 cached_mib=mib["cached"],
                 left_to_llama_mib=mib["missing"],
                 corrupt=entry.get("corrupt", 0),
+                held_requests=entry.get("held"),
                 bad_peers=entry.get("bad_peers") or None,
                 seconds=entry.get("seconds"),
             )
 
 
-_FIELDS = frozenset({"total", "cached", "local", "peers", "server", "missing", "corrupt", "bad_peers", "seconds", "done"})
+_FIELDS = frozenset({"total", "cached", "local", "peers", "server", "missing", "corrupt", "held", "bad_peers", "seconds", "done"})

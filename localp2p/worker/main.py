@@ -93,7 +93,7 @@ async def run_p2p_worker(
     one ready line on stdout. ``devices``: the ggml devices to serve (``--device``).
 
     With a tensor cache (``cache_dir``; ``models_path`` implies one under the state
-    dir), the worker fills it before each load as the server's plan says, from the
+    dir), the worker fills it as each load starts, as the server's plan says, from the
     GGUF files under ``models_path``, from peers and from the server
     (localp2p.worker.weight_fetch), and serves its tensors to other token holders.
     """
@@ -121,11 +121,15 @@ async def run_p2p_worker(
 
         def install_handlers(node: P2PNode, gate: AuthGate) -> None:
             admission.install(node)
-            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, spec.endpoint, admission, framing=RpcBurstFraming))
+            framing = weights.gate.framing if weights is not None else RpcBurstFraming  # holds requests a fill is serving
+            node.set_handler(TUNNEL_PROTOCOL, tunnel_handler(gate, spec.endpoint, admission, framing=framing))
             node.set_handler(PING_PROTOCOL, ping_handler(gate, admission))
             if weights is not None:
                 node.set_handler(TENSOR_PROTOCOL, tensor_handler(gate, weights.locate()))
-                node.set_handler(WEIGHTS_PROTOCOL, weights_handler(gate, lambda: node, weights.store, lambda: weights.local))
+                node.set_handler(
+                    WEIGHTS_PROTOCOL,
+                    weights_handler(gate, lambda: node, weights.store, lambda: weights.local, tensor_gate=weights.gate),
+                )
 
         network: Network = await nursery.start(
             functools.partial(

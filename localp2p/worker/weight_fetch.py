@@ -1,4 +1,4 @@
-"""A worker fills its tensor cache before a load: from its own model files, from peers, from the server.
+"""A worker fills its tensor cache as a load starts: from its own model files, from peers, from the server.
 
 The server sends a plan (``/localp2p/weights/1.0.0``, :mod:`localp2p.p2p.tensor_stream`):
 the tensors (by llama.cpp hash) this worker's layers need, and the token holders
@@ -11,6 +11,10 @@ that may have them. :func:`fill_cache` then, for each tensor not in the cache ye
    ends, so faster peers send more. The server sends at most SERVER_SHARE of what a
    worker fetches while worker peers can send the rest (its uplink is the one every
    worker shares), and everything no worker peer can send.
+
+The fill runs while llama.cpp loads: the worker's tensor gate (:mod:`localp2p.worker.tensor_gate`)
+holds llama.cpp's request for a tensor until the fill has placed it, and both go in file
+order, so llama.cpp takes each tensor from the cache right behind the fill.
 
 Every tensor is checked against its hash before it enters the cache (TensorStore).
 One that fails is fetched again from another source, and the peer that sent it is
@@ -51,6 +55,7 @@ from localp2p.p2p.tensor_stream import (
     write_message,
 )
 from localp2p.worker.tensor_cache import CacheGuard, cache_min_free
+from localp2p.worker.tensor_gate import TensorGate
 from localp2p.worker.tensor_store import NoRoom, PartialTensor, TensorMismatch, TensorStore
 
 log = get_logger("weights")
@@ -99,6 +104,7 @@ class FillReport:
     peers: int = 0  # from other workers
     server: int = 0  # from the server
     corrupt: int = 0  # tensors whose bytes failed the hash check (fetched again elsewhere)
+    held: int = 0  # llama.cpp requests the tensor gate held until their tensor was in place
     bad_peers: set[str] = field(default_factory=set)
     done: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -117,6 +123,7 @@ class FillReport:
             "server": self.server,
             "missing": self.missing,
             "corrupt": self.corrupt,
+            "held": self.held,
             "bad_peers": sorted(self.bad_peers),
             "seconds": round(time.monotonic() - self.started, 2),
             "done": self.done,
@@ -176,13 +183,14 @@ async def _connect(node: P2PNode, gate: AuthGate, source: Source) -> bool:
     return True
 
 
-async def _fetch_one(node: P2PNode, store: TensorStore, source: Source, t: PlannedTensor) -> None:
+async def _fetch_one(node: P2PNode, store: TensorStore, source: Source, t: PlannedTensor, gate: TensorGate) -> None:
     """One tensor from ``source`` into the cache, checked. Raises TensorStreamError, TensorMismatch, NoRoom, OSError."""
     part: PartialTensor = await trio.to_thread.run_sync(store.begin, t.hash, t.size)
     try:
 
         async def sink(offset: int, chunk: bytes) -> None:
             await trio.to_thread.run_sync(part.write_at, offset, chunk)
+            gate.progressed()
 
         await get_tensor(node, source.peer_id, t.hash, t.size, sink)
     except BaseException:
@@ -193,7 +201,13 @@ async def _fetch_one(node: P2PNode, store: TensorStore, source: Source, t: Plann
 
 
 async def _fetch_remote(
-    node: P2PNode, gate: AuthGate, store: TensorStore, todo: list[PlannedTensor], sources: list[Source], report: FillReport
+    node: P2PNode,
+    gate: AuthGate,
+    store: TensorStore,
+    todo: list[PlannedTensor],
+    sources: list[Source],
+    report: FillReport,
+    tensor_gate: TensorGate,
 ) -> None:
     """Fetch ``todo`` from ``sources`` (see the module doc); returns when nothing more can be fetched."""
     async with trio.open_nursery() as nursery:
@@ -244,7 +258,7 @@ async def _fetch_remote(
             from_server = t.size if source.role == "server" else 0
             server_in_flight += from_server
             try:
-                await _fetch_one(node, store, source, t)
+                await _fetch_one(node, store, source, t, tensor_gate)
             except TensorMismatch as exc:
                 report.corrupt += 1
                 report.bad_peers.add(source.name or str(source.peer_id))
@@ -266,6 +280,7 @@ async def _fetch_remote(
                     source.alive = False  # a broken stream or a stall: this peer is gone for this fill
             else:
                 pending.pop(t.hash, None)
+                tensor_gate.release(t.hash)
                 if source.role == "server":
                     report.server += t.size
                 else:
@@ -301,30 +316,41 @@ async def fill_cache(
     tensors: list[PlannedTensor],
     sources: list[Source],
     report: FillReport,
+    tensor_gate: TensorGate | None = None,
 ) -> None:
     """Put ``tensors`` into the cache (see the module doc); ``report`` counts as it goes.
 
+    ``tensor_gate``: the worker's tensor gate, armed with ``tensors`` by the caller; each is
+    released as it is placed, and every one when this returns (or is cancelled), so a
+    request llama.cpp makes meanwhile waits for its tensor, never for the whole fill.
     Never raises for a source's failure or a bad tensor (those are logged and the
     tensor left to llama.cpp); Cancelled propagates, leaving no partial file behind.
     """
+    gate_ = tensor_gate if tensor_gate is not None else TensorGate()
     report.total = sum(t.size for t in tensors)
     todo: list[PlannedTensor] = []
-    limit = trio.CapacityLimiter(LOCAL_COPIES)
+    in_order = iter(tensors)  # plan order: the order llama.cpp asks for them
 
-    async def place(t: PlannedTensor) -> None:
-        async with limit:
+    async def place() -> None:
+        for t in in_order:
             if await trio.to_thread.run_sync(store.has, t.hash, t.size):
                 report.cached += t.size
             elif not await _place_local(store, local, t, report):
                 todo.append(t)
+                continue
+            gate_.release(t.hash)
+            gate_.progressed()
 
-    async with trio.open_nursery() as nursery:
-        for t in tensors:
-            nursery.start_soon(place, t)
-    order = {t.hash: i for i, t in enumerate(tensors)}
-    todo.sort(key=lambda t: order[t.hash])  # plan order: llama.cpp loads in file order
-    if todo:
-        await _fetch_remote(node, gate, store, todo, [s for s in sources if s.peer_id != node.peer_id], report)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(LOCAL_COPIES):
+                nursery.start_soon(place)
+        order = {t.hash: i for i, t in enumerate(tensors)}
+        todo.sort(key=lambda t: order[t.hash])  # plan order: llama.cpp loads in file order
+        if todo:
+            await _fetch_remote(node, gate, store, todo, [s for s in sources if s.peer_id != node.peer_id], report, gate_)
+    finally:
+        gate_.release_all(t.hash for t in tensors)
     report.done = True
 
 
@@ -334,13 +360,17 @@ def weights_handler(
     store: TensorStore,
     local: Callable[[], dict[int, tuple[str, IndexedTensor]]],
     on_report: Callable[[FillReport], Awaitable[None]] | None = None,
+    tensor_gate: TensorGate | None = None,
 ) -> Callable[[INetStream], Awaitable[None]]:
     """The worker's :data:`~localp2p.p2p.tensor_stream.WEIGHTS_PROTOCOL` handler (servers only).
 
-    Reads the plan, runs :func:`fill_cache` (one fill at a time), and sends progress
-    every PROGRESS_INTERVAL s and a last message with ``done``. Never raises except
+    Reads the plan, arms ``tensor_gate`` (the tunnel's, :mod:`localp2p.worker.tensor_gate`) with its tensors and says
+    so at once (the first progress message: the server may start llama.cpp's load),
+    runs :func:`fill_cache` (one fill at a time), and sends progress every
+    PROGRESS_INTERVAL s and a last message with ``done``. Never raises except
     Cancelled; a server that goes away cancels the fill.
     """
+    gate_ = tensor_gate if tensor_gate is not None else TensorGate()
     lock = trio.Lock()
 
     async def handle_weights(stream: INetStream) -> None:
@@ -358,19 +388,26 @@ def weights_handler(
         report = FillReport()
         async with lock:
             gone: list[str] = []
+            gate_.arm(t.hash for t in tensors)
             async with trio.open_nursery() as nursery:
 
                 async def progress() -> None:
                     try:
                         while True:
+                            await write_message(stream, report.as_dict())  # the first: the gate is armed
                             await trio.sleep(PROGRESS_INTERVAL)
-                            await write_message(stream, report.as_dict())
                     except TensorStreamError as exc:  # the server went away: the fill stops
                         gone.append(str(exc))
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(progress)
-                await fill_cache(node_of(), gate, store, local(), tensors, sources, report)
+                held_before = gate_.held
+                try:
+                    await fill_cache(node_of(), gate, store, local(), tensors, sources, report, gate_)
+                finally:
+                    gate_.release_all(t.hash for t in tensors)
+                # Requests still held now wait no more; those llama.cpp makes later find the cache full.
+                report.held = gate_.held - held_before
                 nursery.cancel_scope.cancel()
             if not gone:
                 try:
@@ -387,6 +424,7 @@ def weights_handler(
             cached_mib=round(report.cached / 2**20, 1),
             left_to_llama_mib=round(report.missing / 2**20, 1),
             corrupt=report.corrupt,
+            held_requests=report.held,
             seconds=round(time.monotonic() - report.started, 2),
         )
         if on_report is not None:
@@ -418,6 +456,7 @@ class WorkerWeights:
     store: TensorStore
     models: list[Any]  # IndexedModel
     local: dict[int, tuple[str, IndexedTensor]]
+    gate: TensorGate = field(default_factory=TensorGate)
 
     def announce(self) -> list[dict[str, str]]:
         """The hello's ``models``: content id and file name of each model held (at most MAX_ANNOUNCED)."""
