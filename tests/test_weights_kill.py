@@ -1,5 +1,7 @@
 """Issue 16: the worker that holds the model file is killed while the others fetch from it.
 
+Four hosts in network namespaces (loopback without them), as test_weights_swarm.
+
 The load still completes (on the workers left, their missing tensors now from the
 server), the answer is byte-identical to the model run locally, and nothing corrupt
 stays in any worker's tensor cache.
@@ -13,10 +15,10 @@ import time
 
 import httpx
 import pytest
-from test_weights_swarm import CHAT, check_caches
+from test_weights_swarm import CHAT, check_caches, hosts, server_on, start_worker_on
 
 from localp2p.genmodel import Shape, write_model
-from localp2p.testing.cluster import Server, new_token, p2p_server, p2p_worker, start_server, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import Proc, Server, new_token, start_server, wait_for_workers, worker_peer_id
 
 #: Bigger than test_weights_swarm's: 33 MiB FFN matrices, 200 MB per worker to fetch,
 #: so a fetch lasts long enough (seconds) to be caught half-way.
@@ -67,30 +69,27 @@ def test_holder_killed_mid_fetch(tmp_path: pathlib.Path, model_dir: pathlib.Path
     shutil.copy2(model_dir / "big.gguf", held / "big.gguf")
     token = new_token()
     caches = [tmp_path / "state-k0" / "tensor-cache", tmp_path / "cache-k1", tmp_path / "cache-k2"]
-    workers = [
-        p2p_worker(tmp_path, token, "k0", "--p2p-no-dht", "--models-path", str(held)),
-        p2p_worker(tmp_path, token, "k1", "--p2p-no-dht", "--cache-dir", str(caches[1])),
-        p2p_worker(tmp_path, token, "k2", "--p2p-no-dht", "--cache-dir", str(caches[2])),
-    ]
-    server: Server | None = None
-    try:
-        server = p2p_server(
-            tmp_path, token, "--p2p-no-dht", "--min-workers", "3", "--models-path", str(model_dir), wait=False
-        )
-        caught = _wait_fetching(server)
-        workers[0].kill()  # the only worker with the file, half-way through the others' fetches
-        wait_for_workers(server, [worker_peer_id(w) for w in workers[1:]], timeout=300)
-        assert _answer(server) == expected
-        weights = server.status()["load_progress"]["weights"]
-        for name in ("k1", "k2"):  # the load that serves: every tensor of theirs was in place before it
-            assert weights[name]["done"] and weights[name]["missing"] == 0 and "error" not in weights[name], weights
-        stderr = "".join(w.stderr() for w in workers[1:])
-        assert "tensor fetch failed; trying another source" in stderr, (caught, stderr[-3000:])
-    finally:
-        if server is not None:
-            server.close()
-        for w in workers:
-            w.stop()
+    workers: list[Proc] = []
+    with hosts(3) as topo:
+        try:
+            workers = [
+                start_worker_on(topo, 1, tmp_path, token, "k0", "--models-path", str(held)),
+                start_worker_on(topo, 2, tmp_path, token, "k1", "--cache-dir", str(caches[1])),
+                start_worker_on(topo, 3, tmp_path, token, "k2", "--cache-dir", str(caches[2])),
+            ]
+            with server_on(topo, tmp_path, token, "--min-workers", "3", "--models-path", str(model_dir), wait=False) as server:
+                caught = _wait_fetching(server)
+                workers[0].kill()  # the only worker with the file, half-way through the others' fetches
+                wait_for_workers(server, [worker_peer_id(w) for w in workers[1:]], timeout=300)
+                assert _answer(server) == expected
+                weights = server.status()["load_progress"]["weights"]
+                for name in ("k1", "k2"):  # the load that serves: every tensor of theirs was in place before it
+                    assert weights[name]["done"] and weights[name]["missing"] == 0 and "error" not in weights[name], weights
+                stderr = "".join(w.stderr() for w in workers[1:])
+                assert "tensor fetch failed; trying another source" in stderr, (caught, stderr[-3000:])
+        finally:
+            for w in workers:
+                w.stop()
     assert check_caches(caches) > 0
     for cache in caches[1:]:  # the workers still running left no unfinished file behind
         assert not [f for f in cache.iterdir() if f.name.endswith(".part")], sorted(cache.iterdir())

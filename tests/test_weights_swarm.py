@@ -1,7 +1,9 @@
 """Issue 16: weights reach workers from their own model files, from each other, from the server.
 
-p2p on loopback, three workers, a model whose FFN matrices are above llama.cpp's 10 MiB
-hash threshold (the only tensors an rpc-server cache holds). The fills overlap the load
+A server and three workers, each in its own network namespace on one bridge (as four
+machines on a LAN; on loopback where namespaces are not available: not root), a model
+whose FFN matrices are above llama.cpp's 10 MiB hash threshold (the only tensors an
+rpc-server cache holds). The fills overlap the load
 (the workers' tensor gates hold llama.cpp's requests), so the byte counts also say that
 nothing crossed twice. Every variant must answer
 byte-identically to the same model run locally (temperature 0); the byte counters of
@@ -10,6 +12,7 @@ byte-identically to the same model run locally (temperature 0); the byte counter
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -21,7 +24,19 @@ import pytest
 from localp2p.genmodel import Shape, write_model
 from localp2p.llama.fnv import Hasher
 from localp2p.llama.model_index import ModelIndex
-from localp2p.testing.cluster import Proc, Server, new_token, p2p_server, p2p_worker, start_server, wait_for_workers, worker_peer_id
+from localp2p.testing.cluster import (
+    Proc,
+    Server,
+    netns_prefix,
+    netns_server,
+    new_token,
+    p2p_server,
+    p2p_worker,
+    start_server,
+    wait_for_workers,
+    worker_peer_id,
+)
+from localp2p.testing.netns import Topology, netns_unavailable_reason, topology
 from localp2p.worker.weight_fetch import SERVER_SHARE
 
 #: F16 1024x5632 FFN matrices (11 MiB, cached); five layers, split 2/2/1 over three equal workers.
@@ -70,21 +85,48 @@ def _holder_dir(tmp_path: pathlib.Path, model_dir: pathlib.Path, name: str) -> p
     return held
 
 
+@contextlib.contextmanager
+def hosts(workers: int) -> Iterator[Topology | None]:
+    """Host 0 for the server and 1..``workers`` for the workers, in namespaces; None (loopback) without them."""
+    if netns_unavailable_reason() is not None:
+        yield None
+        return
+    with topology(1 + workers) as topo:
+        yield topo
+
+
+def start_worker_on(topo: Topology | None, i: int, tmp_path: pathlib.Path, token: str, name: str, *flags: str) -> Proc:
+    """A p2p worker on host ``i`` of ``topo`` (loopback when None)."""
+    return p2p_worker(tmp_path, token, name, "--p2p-no-dht", *flags, prefix=netns_prefix(topo, i) if topo is not None else ())
+
+
+@contextlib.contextmanager
+def server_on(topo: Topology | None, tmp_path: pathlib.Path, token: str, *flags: str, wait: bool = True) -> Iterator[Server]:
+    """A p2p server on host 0 of ``topo`` (loopback when None), closed on exit."""
+    if topo is not None:
+        with netns_server(topo, 0, tmp_path, token, "--p2p-no-dht", *flags, wait=wait) as server:
+            yield server
+        return
+    server = p2p_server(tmp_path, token, "--p2p-no-dht", *flags, wait=wait)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def _cluster(tmp_path: pathlib.Path, model_dir: pathlib.Path, worker_flags: dict[str, list[str]]) -> Iterator[tuple[Server, list[Proc]]]:
     token = new_token()
     workers: list[Proc] = []
-    server: Server | None = None
-    try:
-        for name, flags in worker_flags.items():
-            workers.append(p2p_worker(tmp_path, token, name, "--p2p-no-dht", *flags))
-        server = p2p_server(tmp_path, token, "--p2p-no-dht", "--min-workers", str(len(workers)), "--models-path", str(model_dir))
-        wait_for_workers(server, [worker_peer_id(w) for w in workers])
-        yield server, workers
-    finally:
-        if server is not None:
-            server.close()
-        for w in workers:
-            w.stop()
+    with hosts(len(worker_flags)) as topo:
+        try:
+            for i, (name, flags) in enumerate(worker_flags.items(), start=1):
+                workers.append(start_worker_on(topo, i, tmp_path, token, name, *flags))
+            with server_on(topo, tmp_path, token, "--min-workers", str(len(workers)), "--models-path", str(model_dir)) as server:
+                wait_for_workers(server, [worker_peer_id(w) for w in workers])
+                yield server, workers
+        finally:
+            for w in workers:
+                w.stop()
 
 
 def check_caches(cache_dirs: list[pathlib.Path]) -> int:
@@ -185,23 +227,22 @@ def test_corrupt_peer_is_routed_around(tmp_path: pathlib.Path, model_dir: pathli
         "x2": ["--cache-dir", str(tmp_path / "cache-x2")],
     }
     token = new_token()
-    workers = [p2p_worker(tmp_path, token, name, "--p2p-no-dht", *f) for name, f in flags.items()]
-    server: Server | None = None
-    try:
-        _corrupt_tensors(held / "swarm.gguf", tmp_path / "corrupt-index")  # after x0 indexed it
-        server = p2p_server(tmp_path, token, "--p2p-no-dht", "--min-workers", "3", "--models-path", str(model_dir))
-        wait_for_workers(server, [worker_peer_id(w) for w in workers])
-        weights, _ = _weights(server)
-        assert weights["x0"]["local"] == 0 and weights["x0"]["server"] == weights["x0"]["total"], weights
-        for name in ("x1", "x2"):
-            w = weights[name]
-            assert w["corrupt"] >= 1 and w["bad_peers"] == ["x0"], (name, w)
-            assert w["server"] == w["total"] and w["peers"] == 0, (name, w)
-        assert _answer(server) == local_answer
-        assert "fails its hash check" in workers[1].stderr(), workers[1].stderr()[-2000:]
-    finally:
-        if server is not None:
-            server.close()
-        for w in workers:
-            w.stop()
+    workers: list[Proc] = []
+    with hosts(3) as topo:
+        try:
+            workers = [start_worker_on(topo, i, tmp_path, token, name, *f) for i, (name, f) in enumerate(flags.items(), start=1)]
+            _corrupt_tensors(held / "swarm.gguf", tmp_path / "corrupt-index")  # after x0 indexed it
+            with server_on(topo, tmp_path, token, "--min-workers", "3", "--models-path", str(model_dir)) as server:
+                wait_for_workers(server, [worker_peer_id(w) for w in workers])
+                weights, _ = _weights(server)
+                assert weights["x0"]["local"] == 0 and weights["x0"]["server"] == weights["x0"]["total"], weights
+                for name in ("x1", "x2"):
+                    w = weights[name]
+                    assert w["corrupt"] >= 1 and w["bad_peers"] == ["x0"], (name, w)
+                    assert w["server"] == w["total"] and w["peers"] == 0, (name, w)
+                assert _answer(server) == local_answer
+                assert "fails its hash check" in workers[1].stderr(), workers[1].stderr()[-2000:]
+        finally:
+            for w in workers:
+                w.stop()
     assert check_caches([tmp_path / "state-x0" / "tensor-cache", tmp_path / "cache-x1", tmp_path / "cache-x2"]) == len(SHAPE_FFN_FILES)

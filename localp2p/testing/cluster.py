@@ -472,8 +472,9 @@ def netns_prefix(topo: Any, i: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def netns_server(topo: Any, i: int, log_dir: pathlib.Path, token: str, *flags: str) -> Iterator[Server]:
-    """`localp2p run --p2p` in host ``i`` of a netns topology, its API reached through a forwarder."""
+def netns_server(topo: Any, i: int, log_dir: pathlib.Path, token: str, *flags: str, wait: bool = True) -> Iterator[Server]:
+    """`localp2p run --p2p` in host ``i`` of a netns topology, its API reached through a forwarder
+    (``wait``: once it is ready; else at once, its API answering as soon as it listens)."""
     from localp2p.testing.netns import NamespaceForward  # noqa: PLC0415 - netns needs root; most tests never import it
 
     port = free_port()
@@ -488,7 +489,8 @@ def netns_server(topo: Any, i: int, log_dir: pathlib.Path, token: str, *flags: s
     forward = NamespaceForward(topo.hosts[i].ns, (host, port))
     server = Server(proc, f"http://127.0.0.1:{forward.port}")
     try:
-        server.wait_ready()
+        if wait:
+            server.wait_ready()
         yield server
     finally:
         server.close()
