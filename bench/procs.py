@@ -152,10 +152,15 @@ class Procs:
             wait=wait,
         )
 
-    def p2p_worker(self, token: str, threads: int, name: str, *flags: str, wait: bool = True) -> Proc:
-        """As cluster.p2p_worker (own state dir, so its own peer id), registered and with our threads."""
+    def p2p_worker(
+        self, token: str, threads: int, name: str, *flags: str, wait: bool = True, prefix: Sequence[str] = ()
+    ) -> Proc:
+        """As cluster.p2p_worker (own state dir, so its own peer id), registered and with our threads;
+        ``prefix``: e.g. a network namespace's ``ip netns exec``."""
         name = self._unique(name)
-        proc = cluster.p2p_worker(self.log_dir, token, name, "--threads", str(threads), *flags, prefix=PDEATHSIG, wait=False)
+        proc = cluster.p2p_worker(
+            self.log_dir, token, name, "--threads", str(threads), *flags, prefix=[*PDEATHSIG, *prefix], wait=False
+        )
         self.track(proc)
         if wait:
             proc.wait_line("localp2p worker ready")

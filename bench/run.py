@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             log("10. weights: first load on 3 workers, (a) today, (b) every worker has the file, (c) one has it")
             one_b = section("1b model", models.one_b, log)
             if isinstance(one_b, models.BenchModel):
-                wplan = weights.WeightsPlan(reps=args.reps or 1, threads=args.threads, worker_threads=worker_threads)
+                reps = min(args.reps, weights.DEFAULT_REPS) if args.reps else weights.DEFAULT_REPS
+                wplan = weights.WeightsPlan(reps=reps, threads=args.threads, worker_threads=worker_threads)
                 results["sections"]["weights"] = section("weights", weights.run, procs, one_b, wplan, log)
 
     results["machine"]["loadavg_end"] = _loadavg()

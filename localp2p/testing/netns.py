@@ -292,11 +292,35 @@ def _setup(topo: Topology, n: int) -> None:
         _add_host(host, topo.bridge_ns)
 
 
+#: Bytes a shaped link may send at once above its rate (tbf): enough for 1 Gbit/s at a 4 ms tick.
+SHAPE_BURST = "1000kb"
+#: Longest a packet waits in a shaped link's queue before it is dropped (tbf).
+SHAPE_LATENCY = "50ms"
+
+
+def shape_links(topo: Topology, rate: str) -> None:
+    """Give every host of ``topo`` a NIC of ``rate`` (tc syntax: ``1gbit``), both ways.
+
+    Each host's sending is shaped on its eth0, its receiving on its bridge port (a token
+    bucket each): several hosts sending to one share its downlink, as on a switch.
+    """
+    for host in topo.hosts:
+        for ns, dev in ((host.ns, host.ifname), (topo.bridge_ns, host.bridge_port)):
+            _tc(ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", SHAPE_BURST, "latency", SHAPE_LATENCY)
+
+
+def _tc(ns: str, *args: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True, text=True, timeout=IP_TIMEOUT)  # noqa: PLW1510
+    if done.returncode != 0:
+        raise NetnsUnavailable(f"tc {' '.join(args)}: {done.stderr.strip()}")
+
+
 @contextlib.contextmanager
-def topology(n: int, *, subnet_octet: int | None = None) -> Iterator[Topology]:
+def topology(n: int, *, subnet_octet: int | None = None, rate: str | None = None) -> Iterator[Topology]:
     """Build ``n`` hosts on one bridge; tear everything down on exit.
 
     :param subnet_octet: the ``k`` of ``10.231.<k>.0/24`` (random if None).
+    :param rate: each host's NIC speed, both ways (``1gbit``; :func:`shape_links`); None: unshaped.
     :raises pytest.skip.Exception: when namespaces are unavailable here.
     """
     if not 1 <= n <= 250:
@@ -308,6 +332,8 @@ def topology(n: int, *, subnet_octet: int | None = None) -> Iterator[Topology]:
     try:
         _setup(topo, n)
         _wait_links_up(topo)
+        if rate is not None:
+            shape_links(topo, rate)
         yield topo
     finally:
         topo.close()
