@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from localp2p.server.follow_workers import RELOAD_DEBOUNCE, RELOAD_DEBOUNCE_MAX, follow_worker_set
+from localp2p.server.weight_plan import worker_labels
 from localp2p.server.worker_set import BUSY, CONNECTING, OFFLINE, ONLINE, Worker, WorkerSet
 
 STATIC = ("10.0.0.9:50052",)
@@ -184,3 +185,10 @@ def test_a_link_moved_off_a_relay_reloads_with_the_same_list_rebinding() -> None
         assert reloads.rebinds == [True, False]
 
     _run(main)
+
+
+def test_weight_labels_tell_apart_workers_with_one_name() -> None:
+    """Two workers started on one machine both take its host name; their fills must not share one entry."""
+    workers = [Worker("12D3KooWaaaaaa111111", "vm"), Worker("12D3KooWbbbbbb222222", "vm"), Worker("12D3KooWcccccc333333", "gpu")]
+    labels = worker_labels(workers)
+    assert labels == {"12D3KooWaaaaaa111111": "vm@111111", "12D3KooWbbbbbb222222": "vm@222222", "12D3KooWcccccc333333": "gpu"}

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import pathlib
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -64,6 +65,19 @@ ACK_TIMEOUT = 5.0
 #: Seconds for the probe of an rpc-server's free memory (the split): a HELLO round trip
 #: on a LAN; an rpc-server busy with a running backend never answers, and must not hold the load.
 PROBE_TIMEOUT = 2.0
+
+
+#: Characters of a peer id's end that tell apart workers with the same name.
+PEER_ID_TAIL = 6
+
+
+def worker_labels(workers: Iterable[Worker]) -> dict[str, str]:
+    """Each worker's label by peer id: its name, or ``name@<peer id end>`` when another
+    worker has the same name (two workers started on one machine both take its host name):
+    the keys of ``load_progress.weights`` and the names in plans and logs."""
+    workers = list(workers)
+    counts = Counter(w.name for w in workers)
+    return {w.peer_id: w.name if counts[w.name] == 1 else f"{w.name}@{w.peer_id[-PEER_ID_TAIL:]}" for w in workers}
 
 
 class WeightPlanner:
@@ -132,7 +146,7 @@ class WeightPlanner:
         Started with ``nursery.start``: ``started(done)`` once every worker has its plan
         (or ACK_TIMEOUT passed), so the load can begin; the fills go on in this task and
         ``done`` is set when they have all ended. Progress goes to ``progress.weights``
-        (per worker name). Never raises for a worker's failure (logged; llama.cpp sends
+        (per worker label, :func:`worker_labels`). Never raises for a worker's failure (logged; llama.cpp sends
         what is missing); Cancelled propagates.
         """
         done = trio.Event()
@@ -211,8 +225,10 @@ class WeightPlanner:
         sources: list[dict[str, Any]] = [
             {"peer_id": str(self.node.peer_id), "role": "server", "name": "server", "addrs": [str(a) for a in self.node.p2p_addrs()]}
         ]
-        for w in self.workers.live():
-            sources.append({"peer_id": w.peer_id, "role": "worker", "name": w.name, "addrs": list(w.addrs)})
+        live = self.workers.live()
+        labels = worker_labels(live)
+        for w in live:
+            sources.append({"peer_id": w.peer_id, "role": "worker", "name": labels[w.peer_id], "addrs": list(w.addrs)})
         return sources
 
     async def _run_plan(self, worker: Worker, tensors: list[IndexedTensor], progress: LoadProgress, acked: trio.Semaphore) -> None:
@@ -225,7 +241,8 @@ class WeightPlanner:
             "sources": [s for s in self._sources() if s["peer_id"] != worker.peer_id],
         }
         entry: dict[str, Any] = {"total": sum(t.size for t in tensors), "done": False}
-        progress.weights[worker.name] = entry
+        label = worker_labels(self.workers.live())[worker.peer_id] if worker.peer_id else worker.name
+        progress.weights[label] = entry
         stream: INetStream | None = None
         ok = False
         try:
@@ -244,7 +261,7 @@ class WeightPlanner:
                     break
         except (TensorStreamError, trio.TooSlowError, Exception) as exc:  # StreamFailure: an older worker
             entry["error"] = f"{type(exc).__name__}: {exc}"
-            log.info("worker did not fill its cache; llama.cpp sends its weights", worker=worker.name, error=entry["error"])
+            log.info("worker did not fill its cache; llama.cpp sends its weights", worker=label, error=entry["error"])
         finally:
             if not answered:
                 acked.release()
@@ -256,7 +273,7 @@ class WeightPlanner:
             mib = {k: round(int(entry.get(k, 0)) / 2**20, 1) for k in ("local", "peers", "server", "cached", "missing")}
             log.info(
                 "worker weights in place",
-                worker=worker.name,
+                worker=label,
                 local_mib=mib["local"],
                 peers_mib=mib["peers"],
                 server_mib=mib["server"],
