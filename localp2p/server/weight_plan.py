@@ -157,9 +157,11 @@ class WeightPlanner:
                 return
             started = time.monotonic()
             acked = trio.Semaphore(0)
+            labels = worker_labels(self.workers.live())
             async with trio.open_nursery() as nursery:
                 for worker, tensors in plans:
-                    nursery.start_soon(self._run_plan, worker, tensors, progress, acked)
+                    label = labels.get(worker.peer_id, worker.name)
+                    nursery.start_soon(self._run_plan, worker, label, tensors, progress, acked)
                 with trio.move_on_after(ACK_TIMEOUT):
                     for _ in plans:
                         await acked.acquire()
@@ -231,9 +233,12 @@ class WeightPlanner:
             sources.append({"peer_id": w.peer_id, "role": "worker", "name": labels[w.peer_id], "addrs": list(w.addrs)})
         return sources
 
-    async def _run_plan(self, worker: Worker, tensors: list[IndexedTensor], progress: LoadProgress, acked: trio.Semaphore) -> None:
-        """Send ``worker`` its plan and follow its fill until it ends; ``acked`` is
-        released once: at the worker's first message, or when the plan fails before it."""
+    async def _run_plan(
+        self, worker: Worker, label: str, tensors: list[IndexedTensor], progress: LoadProgress, acked: trio.Semaphore
+    ) -> None:
+        """Send ``worker`` its plan and follow its fill until it ends (its progress under
+        ``label``); ``acked`` is released once: at the worker's first message, or when the
+        plan fails before it."""
         assert self.node is not None
         answered = False
         plan = {
@@ -241,7 +246,6 @@ class WeightPlanner:
             "sources": [s for s in self._sources() if s["peer_id"] != worker.peer_id],
         }
         entry: dict[str, Any] = {"total": sum(t.size for t in tensors), "done": False}
-        label = worker_labels(self.workers.live())[worker.peer_id] if worker.peer_id else worker.name
         progress.weights[label] = entry
         stream: INetStream | None = None
         ok = False

@@ -26,6 +26,7 @@ killed, the server gone) resumes at the next plan with what the cache holds by t
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import time
@@ -320,8 +321,8 @@ async def fill_cache(
 ) -> None:
     """Put ``tensors`` into the cache (see the module doc); ``report`` counts as it goes.
 
-    ``tensor_gate``: the worker's tensor gate, armed with ``tensors`` by the caller; each is
-    released as it is placed, and every one when this returns (or is cancelled), so a
+    ``tensor_gate``: the worker's tensor gate, armed with ``tensors`` by the caller (who
+    releases what is left when this returns); each is released here as it is placed, so a
     request llama.cpp makes meanwhile waits for its tensor, never for the whole fill.
     Never raises for a source's failure or a bad tensor (those are logged and the
     tensor left to llama.cpp); Cancelled propagates, leaving no partial file behind.
@@ -341,17 +342,33 @@ async def fill_cache(
             gate_.release(t.hash)
             gate_.progressed()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(LOCAL_COPIES):
-                nursery.start_soon(place)
-        order = {t.hash: i for i, t in enumerate(tensors)}
-        todo.sort(key=lambda t: order[t.hash])  # plan order: llama.cpp loads in file order
-        if todo:
-            await _fetch_remote(node, gate, store, todo, [s for s in sources if s.peer_id != node.peer_id], report, gate_)
-    finally:
-        gate_.release_all(t.hash for t in tensors)
+    async with trio.open_nursery() as nursery:
+        for _ in range(LOCAL_COPIES):
+            nursery.start_soon(place)
+    order = {t.hash: i for i, t in enumerate(tensors)}
+    todo.sort(key=lambda t: order[t.hash])  # plan order: llama.cpp loads in file order
+    if todo:
+        await _fetch_remote(node, gate, store, todo, [s for s in sources if s.peer_id != node.peer_id], report, gate_)
     report.done = True
+
+
+async def _fill_and_report(stream: INetStream, report: FillReport, gone: list[str], fill: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fill`` while sending ``report`` every PROGRESS_INTERVAL s, the first at once (the
+    plan is taken); a server gone (its error appended to ``gone``) cancels the fill."""
+    async with trio.open_nursery() as nursery:
+
+        async def progress() -> None:
+            try:
+                while True:
+                    await write_message(stream, report.as_dict())
+                    await trio.sleep(PROGRESS_INTERVAL)
+            except TensorStreamError as exc:
+                gone.append(str(exc))
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(progress)
+        await fill()
+        nursery.cancel_scope.cancel()
 
 
 def weights_handler(
@@ -389,26 +406,13 @@ def weights_handler(
         async with lock:
             gone: list[str] = []
             gate_.arm(t.hash for t in tensors)
-            async with trio.open_nursery() as nursery:
-
-                async def progress() -> None:
-                    try:
-                        while True:
-                            await write_message(stream, report.as_dict())  # the first: the gate is armed
-                            await trio.sleep(PROGRESS_INTERVAL)
-                    except TensorStreamError as exc:  # the server went away: the fill stops
-                        gone.append(str(exc))
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(progress)
-                held_before = gate_.held
-                try:
-                    await fill_cache(node_of(), gate, store, local(), tensors, sources, report, gate_)
-                finally:
-                    gate_.release_all(t.hash for t in tensors)
-                # Requests still held now wait no more; those llama.cpp makes later find the cache full.
-                report.held = gate_.held - held_before
-                nursery.cancel_scope.cancel()
+            held_before = gate_.held
+            try:
+                fill = functools.partial(fill_cache, node_of(), gate, store, local(), tensors, sources, report, gate_)
+                await _fill_and_report(stream, report, gone, fill)
+            finally:  # requests still held wait no more; later ones find the cache as the fill left it
+                gate_.release_all(t.hash for t in tensors)
+            report.held = gate_.held - held_before
             if not gone:
                 try:
                     await write_message(stream, report.as_dict())
